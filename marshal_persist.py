@@ -1,0 +1,1117 @@
+"""A durable, append-only JSONL event log: the marshal daemon's persister in Python.
+
+Format
+    One event per line, compact JSON (no spaces, UTF-8, non-ASCII kept) and a
+    single ``\\n``, byte-compatible both ways with the Rust marshal-daemon::
+
+        {"item":{"id":"s-1"},"changeType":"SET","itemType":"Session",...}
+
+    ``item`` is an object whose ``id`` (a non-empty string) is the identity,
+    ``changeType`` is exactly ``"SET"`` or ``"DEL"``, ``itemType`` a string;
+    ``createdAt``, ``tx``, ``sourceId`` and ``options`` are optional.
+    The identity of an entity is ``(itemType, item.id)``; the last line wins.
+
+Guarantees
+    * ``persist`` returns only after the line is on disk (fdatasync), so a
+      ``kill -9`` or a crash never loses an acknowledged event.  Power loss is
+      covered where fdatasync reaches the platter (Linux; macOS needs
+      ``F_FULLFSYNC``, which this module does not issue).
+    * A failed write or sync raises ``PersistError`` and leaves no partial
+      record behind; a torn last line left by a crash is moved to
+      ``<log>.torn`` at the next open, never glued to the next event.
+    * Replay skips and counts bad lines; no file content can make it raise.
+    * Appends always land in the file the path names now: a log that was
+      replaced is reopened, a deleted one is recreated from the live state.
+
+Data flows top to bottom: errors and health, paths and migration, encoding
+and validation, the write path, the read path (replay, tail), the watcher,
+``MemoryStore``, and the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover - never runs; for type checkers only
+    from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+    Event = Dict[str, Any]
+    ApplyBatch = Callable[[List[Event]], Optional[int]]
+    Key = Tuple[str, str]
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "default_state_dir",
+    "default_log_path",
+    "migrate_from_claude_coord",
+    "PersistError",
+    "PersistHealth",
+    "DiskPersister",
+    "Watcher",
+    "MemoryStore",
+    "main",
+]
+
+LOG_NAME = "events.jsonl"
+_CHUNK = 1 << 20
+_DEFAULT_MAX_LINE = 16 << 20
+_datasync = getattr(os, "fdatasync", os.fsync)
+
+
+# --- errors and health ------------------------------------------------------
+
+
+class PersistError(Exception):
+    """An event could not be made durable (bad event, or a failed write or sync)."""
+
+    def __init__(self, entity_type: str, message: str) -> None:
+        super().__init__(entity_type, message)
+        self.entity_type = entity_type
+        self.message = message
+
+    def __str__(self) -> str:
+        return "persist failed for %s: %s" % (self.entity_type, self.message)
+
+
+class PersistHealth:
+    """Thread-safe counters of the write path, as myko's ``PersistHealth``.
+
+    ``queued`` counts events between ``record_enqueue`` and their outcome;
+    every outcome (success, error, or a dropped invalid event) takes one off.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.queued = 0
+        self.total_persisted = 0
+        self.total_errors = 0
+        self.total_dropped = 0
+        self.consecutive_errors = 0
+        self.last_error = None  # type: Optional[str]
+
+    @property
+    def healthy(self) -> bool:
+        """True while the last write did not fail."""
+        return self.consecutive_errors == 0
+
+    def record_enqueue(self) -> None:
+        """An event entered ``persist``."""
+        with self._lock:
+            self.queued += 1
+
+    def record_success(self) -> None:
+        """An event is durable."""
+        with self._lock:
+            self.queued -= 1
+            self.total_persisted += 1
+            self.consecutive_errors = 0
+
+    def record_error(self, message: str) -> None:
+        """A write or sync failed: the disk (or the file) is unhealthy."""
+        with self._lock:
+            self.queued -= 1
+            self.total_errors += 1
+            self.consecutive_errors += 1
+            self.last_error = message
+
+    def record_dropped(self, message: str) -> None:
+        """An invalid event was refused; it says nothing about the disk."""
+        with self._lock:
+            self.queued -= 1
+            self.total_dropped += 1
+            self.last_error = message
+
+    def as_dict(self) -> Dict[str, Any]:
+        """A consistent snapshot of every counter, plus ``healthy``."""
+        with self._lock:
+            return {
+                "queued": self.queued,
+                "total_persisted": self.total_persisted,
+                "total_errors": self.total_errors,
+                "total_dropped": self.total_dropped,
+                "consecutive_errors": self.consecutive_errors,
+                "last_error": self.last_error,
+                "healthy": self.consecutive_errors == 0,
+            }
+
+
+# --- paths and migration ----------------------------------------------------
+
+
+def default_state_dir() -> str:
+    """``$MARSHAL_STATE_DIR``, else ``$HOME/.local/state/marshal``, else ``.marshal``."""
+    override = os.environ.get("MARSHAL_STATE_DIR")
+    if override:
+        return override
+    home = os.environ.get("HOME")
+    if home:
+        return os.path.join(home, ".local", "state", "marshal")
+    return ".marshal"
+
+
+def default_log_path() -> str:
+    """The log the marshal daemon uses: ``default_state_dir()/events.jsonl``."""
+    return os.path.join(default_state_dir(), LOG_NAME)
+
+
+def _legacy_log_path() -> Optional[str]:
+    override = os.environ.get("CLAUDE_COORD_STATE_DIR")
+    if override:
+        return os.path.join(override, LOG_NAME)
+    home = os.environ.get("HOME")
+    if home:
+        return os.path.join(home, ".local", "state", "claude-coord", LOG_NAME)
+    return None
+
+
+def migrate_from_claude_coord(new_log_path: str, logger: Any = None) -> bool:
+    """Move the claude-coord era log to ``new_log_path``; True when it moved.
+
+    The legacy log is ``$CLAUDE_COORD_STATE_DIR/events.jsonl``, else
+    ``~/.local/state/claude-coord/events.jsonl``.  It moves only when the new
+    path does not exist; when both exist, both are left alone with a warning
+    (the new one is preferred).  A second call is a no-op.  Across
+    filesystems the file is copied durably, then the old one removed.
+    """
+    old = _legacy_log_path()
+    if old is None or not os.path.exists(old):
+        return False
+    if os.path.exists(new_log_path):
+        if not os.path.samefile(old, new_log_path):
+            _say(logger, "warning", "[migrate] both legacy (%s) and current (%s) event logs "
+                 "exist; leaving both in place (current is preferred)" % (old, new_log_path))
+        return False
+    _make_dirs(os.path.dirname(new_log_path))
+    _say(logger, "info", "[migrate] moving event log: %s -> %s" % (old, new_log_path))
+    try:
+        os.link(old, new_log_path)  # unlike rename, never clobbers a log created meanwhile
+        _fsync_dir(os.path.dirname(new_log_path))
+    except FileExistsError:
+        return False
+    except OSError:  # another filesystem (EXDEV), or one without hard links
+        src = os.open(old, os.O_RDONLY)
+        try:
+            os.close(_write_durably(new_log_path, _read_chunks(src, 0), clobber=False))
+        finally:
+            os.close(src)
+    os.unlink(old)
+    _fsync_dir(os.path.dirname(old))
+    return True
+
+
+def _say(logger: Any, level: str, message: str) -> None:
+    if logger is not None:
+        getattr(logger, level)(message)
+
+
+def _make_dirs(path: str) -> None:
+    """Create missing directories as 0o700, whatever the umask."""
+    if not path or os.path.isdir(path):
+        return
+    _make_dirs(os.path.dirname(os.path.abspath(path)))
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    os.chmod(path, 0o700)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a create, rename or unlink in ``path`` durable."""
+    fd = os.open(path or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: str, chunks: Iterable[bytes], clobber: bool) -> int:
+    """Write ``chunks`` to a new file at ``path`` atomically and durably.
+
+    The recipe: a temp file beside ``path`` (0o600), written and fsynced, then
+    moved into place (``os.replace`` when ``clobber``, else ``os.link``, which
+    raises ``FileExistsError`` rather than overwrite), then the directory
+    fsynced.  A crash leaves either the old state or the new, never a mix.
+    Returns a read/append descriptor of the new file.
+    """
+    tmp = "%s.%d.%d.tmp" % (path, os.getpid(), threading.get_ident())
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        pending = []  # type: List[bytes]
+        size = 0
+        for chunk in chunks:
+            pending.append(chunk)
+            size += len(chunk)
+            if size >= _CHUNK:
+                _write_all(fd, b"".join(pending))
+                pending, size = [], 0
+        _write_all(fd, b"".join(pending))
+        os.fsync(fd)
+        if clobber:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.unlink(tmp)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(os.path.dirname(path))
+    return fd
+
+
+# --- encoding and validation ------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError("%s is not JSON (the Rust reader rejects it)" % name)
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_OPTION_FLAGS = ("preventRelationshipUpdates", "preventPersist")
+
+
+def _event_problem(event: Any) -> Optional[str]:
+    """Why ``event`` is not an event the Rust daemon would accept, or None."""
+    if type(event) is not dict:
+        return "not a JSON object"
+    if type(event.get("itemType")) is not str:
+        return "itemType is missing or not a string"
+    if event.get("changeType") not in ("SET", "DEL"):
+        return "changeType is not exactly SET or DEL"
+    item = event.get("item")
+    if type(item) is not dict:
+        return "item is missing or not an object"
+    item_id = item.get("id")
+    if type(item_id) is not str or not item_id:
+        return "item.id is missing, empty or not a string"
+    for key in ("createdAt", "tx"):
+        if key in event and type(event[key]) is not str:
+            return "%s is not a string" % key
+    if event.get("sourceId") is not None and type(event["sourceId"]) is not str:
+        return "sourceId is not a string or null"
+    options = event.get("options")
+    if options is not None:
+        if type(options) is not dict:
+            return "options is not an object"
+        for flag in _OPTION_FLAGS:
+            if flag in options and type(options[flag]) is not bool:
+                return "options.%s is not a boolean" % flag
+        if options.get("fromPeer") is not None and type(options["fromPeer"]) is not bool:
+            return "options.fromPeer is not a boolean or null"
+    return None
+
+
+def _encode_event(event: Any) -> bytes:
+    """The event's log line, ``\\n`` included; raises PersistError if it is invalid."""
+    problem = _event_problem(event)
+    if problem is None:
+        try:
+            return (_ENCODER.encode(event) + "\n").encode("utf-8")
+        except (TypeError, ValueError, RecursionError) as exc:
+            problem = "not serializable as JSON: %s" % exc
+    entity_type = event.get("itemType") if isinstance(event, dict) else None
+    raise PersistError(entity_type if isinstance(entity_type, str) else "<unknown>", problem)
+
+
+def _parse_line(line: bytes) -> Tuple[Optional[Event], str]:
+    """``(event, "")`` for a valid log line, else ``(None, reason)``."""
+    try:
+        event = _DECODER.decode(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "invalid UTF-8"
+    except RecursionError:
+        return None, "nesting too deep"
+    except ValueError as exc:  # JSONDecodeError, NaN, over-long integers
+        return None, "not JSON: %s" % exc
+    problem = _event_problem(event)
+    if problem is not None:
+        return None, problem
+    return event, ""
+
+
+def _mark(event: Event, restored: bool) -> Event:
+    """Flag an event read from disk so the store neither persists it again nor,
+    when restored from a snapshot, re-runs its relationship cascades."""
+    options = event.get("options") or {}
+    options["preventPersist"] = True
+    if restored:
+        options["preventRelationshipUpdates"] = True
+    options.setdefault("preventRelationshipUpdates", False)
+    options.setdefault("fromPeer", None)
+    event["options"] = options
+    return event
+
+
+def _key(event: Event) -> Key:
+    return event["itemType"], event["item"]["id"]
+
+
+# --- the write path ---------------------------------------------------------
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is written (a short write is no error)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError("write made no progress")
+        view = view[written:]
+
+
+def _cut_back(fd: int, start: int, data: bytes) -> None:
+    """After a failed append of ``data`` at ``start``: remove what of it reached
+    the file, but only while nothing else was appended after it."""
+    try:
+        size = os.fstat(fd).st_size
+        if start < size <= start + len(data) and os.pread(fd, size - start, start) == data[: size - start]:
+            os.ftruncate(fd, start)
+            os.fsync(fd)
+    except OSError:
+        pass  # the next open's torn-tail repair and never-glue rule still cover it
+
+
+def _identity(st: os.stat_result) -> Tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+class _Tail:
+    """What the watcher has consumed of one file: up to ``pos``, whose last
+    line was ``last``; ``own`` lists ``(identity, start, end)`` of this
+    process's appends past ``pos``, which the watcher must not apply again."""
+
+    __slots__ = ("fd", "ident", "pos", "last", "own", "missing")
+
+    def __init__(self, fd: int, pos: int, last: bytes) -> None:
+        self.fd = fd
+        self.ident = _identity(os.fstat(fd))
+        self.pos = pos
+        self.last = last
+        self.own = []  # type: List[Tuple[Tuple[int, int], int, int]]
+        self.missing = False
+
+
+class DiskPersister:
+    """The event log at ``path``: ``persist`` appends, ``replay`` restores,
+    ``start_watcher`` follows what other programs do to the file.
+
+    Opening creates missing directories (0o700) and the file (0o600) and
+    repairs a torn last line.  With ``read_only=True`` nothing is created,
+    repaired, locked or written: the file must exist and ``persist`` raises.
+    Lines longer than ``max_line_bytes`` are skipped without being read whole.
+    One ``DiskPersister`` per file per process: POSIX locks do not serialize
+    two descriptors of one process.
+    """
+
+    def __init__(self, path: str, *, logger: Any = None, read_only: bool = False,
+                 max_line_bytes: int = _DEFAULT_MAX_LINE) -> None:
+        self.path = path
+        self.health = PersistHealth()
+        self.read_only = read_only
+        self.max_line_bytes = max_line_bytes
+        self._logger = logger
+        self._lock = threading.Lock()
+        self._tail = None  # type: Optional[_Tail]
+        self._watcher = None  # type: Optional[Watcher]
+        if read_only:
+            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))  # type: Optional[int]
+        else:
+            self._fd = self._open_or_create()
+            self._repair_torn_tail()
+        self._ident = _identity(os.fstat(self._fd))
+
+    def __enter__(self) -> DiskPersister:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the watcher, if any, and close the file. Idempotent."""
+        watcher = self._watcher
+        if watcher is not None:
+            watcher.stop()
+        with self._lock:
+            for fd in (self._fd, self._tail.fd if self._tail else None):
+                if fd is not None:
+                    os.close(fd)
+            self._fd = None
+            self._tail = None
+
+    def _warn(self, message: str) -> None:
+        _say(self._logger, "warning", "[marshal-persist] %s: %s" % (self.path, message))
+
+    def _info(self, message: str) -> None:
+        _say(self._logger, "info", "[marshal-persist] %s: %s" % (self.path, message))
+
+    def _open_or_create(self) -> int:
+        _make_dirs(os.path.dirname(self.path))
+        flags = os.O_RDWR | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return os.open(self.path, flags)
+        os.fchmod(fd, 0o600)
+        _fsync_dir(os.path.dirname(self.path))
+        return fd
+
+    def _lockf(self, fd: int, how: str) -> None:
+        """Lock or unlock the whole file against cooperating processes.
+
+        ``lockf`` counts from the current offset, which an O_APPEND write
+        moves; seeking to 0 first makes lock and unlock name one range."""
+        if hasattr(os, "lockf"):
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.lockf(fd, os.F_LOCK if how == "lock" else os.F_ULOCK, 0)
+
+    def _repair_torn_tail(self) -> None:
+        """A last line without ``\\n``: terminate it if it is a whole event,
+        else move it to ``<log>.torn`` and cut it off, so nothing is glued."""
+        fd = self._checked_fd()
+        self._lockf(fd, "lock")
+        try:
+            size = os.fstat(fd).st_size
+            start = _after_last_newline(fd, size)
+            if start == size:
+                return
+            fragment = b""
+            if size - start <= self.max_line_bytes:
+                fragment = os.pread(fd, size - start, start)
+                if _parse_line(fragment)[0] is not None:
+                    _write_all(fd, b"\n")
+                    _datasync(fd)
+                    self._info("terminated the unfinished last line at byte %d" % start)
+                    return
+            torn_path = self.path + ".torn"
+            torn = os.open(torn_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.fchmod(torn, 0o600)
+                for chunk in _read_chunks(fd, start, size):
+                    _write_all(torn, chunk)
+                _write_all(torn, b"\n")
+                os.fsync(torn)
+            finally:
+                os.close(torn)
+            _fsync_dir(os.path.dirname(self.path))
+            os.ftruncate(fd, start)
+            os.fsync(fd)
+            self._warn("moved a torn last line (%d bytes at byte %d) to %s"
+                       % (size - start, start, torn_path))
+        finally:
+            self._lockf(fd, "unlock")
+
+    def _checked_fd(self) -> int:
+        if self._fd is None:
+            raise ValueError("I/O on a closed DiskPersister")
+        return self._fd
+
+    def persist(self, event: Event) -> None:
+        """Append ``event`` and return once it is durable; else raise PersistError.
+
+        An invalid event is refused before anything is written."""
+        self.health.record_enqueue()
+        try:
+            data = _encode_event(event)
+        except PersistError as exc:
+            self.health.record_dropped(exc.message)
+            raise
+        try:
+            self._append(data)
+        except (OSError, ValueError) as exc:
+            self.health.record_error(str(exc))
+            raise PersistError(event["itemType"], "write/fsync: %s" % exc) from None
+        self.health.record_success()
+
+    def _append(self, data: bytes) -> None:
+        if self.read_only:
+            raise ValueError("the log was opened read-only")
+        with self._lock:
+            fd, size = self._lock_current_file()
+            try:
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    data = b"\n" + data  # never glue onto a torn line
+                try:
+                    _write_all(fd, data)
+                    _datasync(fd)
+                except OSError:
+                    _cut_back(fd, size, data)
+                    raise
+                end = os.lseek(fd, 0, os.SEEK_CUR)
+                self._note_own_write(end - len(data), end, data)
+            finally:
+                self._lockf(fd, "unlock")
+
+    def _lock_current_file(self) -> Tuple[int, int]:
+        """Lock the file the path names now, reopening it if it was replaced
+        and recreating it if it was deleted; returns ``(fd, size)``."""
+        while True:
+            fd = self._checked_fd()
+            self._lockf(fd, "lock")
+            st = _stat_or_none(self.path)
+            fst = os.fstat(fd)
+            if st is not None and _identity(st) == _identity(fst):
+                return fd, fst.st_size
+            self._lockf(fd, "unlock")
+            new_fd = None
+            if st is None:
+                new_fd = self._recreate_from(fd)
+            if new_fd is None:
+                try:
+                    new_fd = os.open(self.path, os.O_RDWR | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+                except FileNotFoundError:
+                    continue
+                self._info("the log was replaced; appending to the new file")
+            os.close(fd)
+            self._fd = new_fd
+            self._ident = _identity(os.fstat(new_fd))
+
+    def _recreate_from(self, old_fd: int) -> Optional[int]:
+        """The log was deleted: write the live state read from ``old_fd`` (its
+        last descriptor) to a new file at the path.  None if another process
+        recreated it first."""
+        scan = _scan(old_fd, self.max_line_bytes, _ignore)
+        lines = (line + b"\n" for line in scan.live.values())
+        _make_dirs(os.path.dirname(self.path))
+        try:
+            fd = _write_durably(self.path, lines, clobber=False)
+        except FileExistsError:
+            return None
+        self._warn("the log was deleted; recreated it with its %d live entities" % len(scan.live))
+        return fd
+
+    def _note_own_write(self, start: int, end: int, data: bytes) -> None:
+        tail = self._tail
+        if tail is None:
+            return
+        if tail.ident == self._ident and start == tail.pos and not tail.own:
+            tail.pos = end  # nothing foreign in between: consume it at once
+            tail.last = data[data.rfind(b"\n", 0, len(data) - 1) + 1:]
+        else:
+            tail.own.append((self._ident, start, end))
+
+    # --- the read path: replay ---------------------------------------------
+
+    def replay(self, apply_batch: ApplyBatch) -> int:
+        """Restore the live state: the latest SET of every ``(itemType, id)``
+        not deleted since, in the file order of that line, marked
+        ``preventPersist`` and ``preventRelationshipUpdates``, handed to
+        ``apply_batch`` in one call.  Returns what ``apply_batch`` returned
+        (``None`` counts as all).  Malformed lines are skipped and logged; an
+        exception from ``apply_batch`` propagates.
+        """
+        with self._lock:
+            fd = self._checked_fd()
+            scan = _scan(fd, self.max_line_bytes, self._warn_line)
+            self._set_tail(_Tail(os.dup(fd), scan.end, scan.last))
+        events = scan.events()
+        self._info("replayed %d lines: %d malformed, %d live" % (scan.lines, scan.malformed, len(events)))
+        applied = apply_batch(events)
+        return len(events) if applied is None else applied
+
+    def _warn_line(self, lineno: int, offset: int, reason: str) -> None:
+        self._warn("skipped line %d (byte %d): %s" % (lineno, offset, reason))
+
+    def _set_tail(self, tail: _Tail) -> None:
+        if self._tail is not None:
+            os.close(self._tail.fd)
+        self._tail = tail
+
+    def start_watcher(self, apply_batch: ApplyBatch, interval: float = 0.15) -> Watcher:
+        """Follow the file from where ``replay`` ended (or from its current end)
+        in a daemon thread; see ``Watcher``."""
+        with self._lock:
+            fd = self._checked_fd()
+            if self._watcher is not None:
+                raise RuntimeError("a watcher is already running for %s" % self.path)
+            if self._tail is None:
+                end = _after_last_newline(fd, os.fstat(fd).st_size)
+                self._set_tail(_Tail(os.dup(fd), end, _line_before(fd, end)))
+            self._watcher = Watcher(self, apply_batch, interval)
+        self._watcher._thread.start()
+        return self._watcher
+
+
+def _ignore(*args: object) -> None:
+    pass
+
+
+def _stat_or_none(path: str) -> Optional[os.stat_result]:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+
+
+# --- the read path: lines, scans, tails ---------------------------------------
+
+
+def _read_chunks(fd: int, start: int, end: Optional[int] = None) -> Iterator[bytes]:
+    """The bytes of ``fd`` from ``start`` to ``end`` (or to EOF), in chunks."""
+    pos = start
+    while end is None or pos < end:
+        chunk = os.pread(fd, _CHUNK if end is None else min(_CHUNK, end - pos), pos)
+        if not chunk:
+            return
+        pos += len(chunk)
+        yield chunk
+
+
+class _Lines:
+    """Iterate ``(offset, line)`` over the complete lines of ``fd`` from
+    ``start``, each without its ``\\n``.  A line longer than ``max_line`` comes
+    as ``(offset, None)`` and is never held whole; an unfinished last line is
+    not yielded.  ``end`` is always just past the last line yielded, so a
+    caller knows exactly what it has consumed even while others append."""
+
+    def __init__(self, fd: int, start: int, max_line: int) -> None:
+        self.fd = fd
+        self.end = start
+        self.max_line = max_line
+
+    def __iter__(self) -> Iterator[Tuple[int, Optional[bytes]]]:
+        max_line = self.max_line
+        offset = self.end  # where the pending line begins
+        pending = []  # type: List[bytes]
+        pending_size = 0
+        for chunk in _read_chunks(self.fd, offset):
+            lines = chunk.split(b"\n")
+            if len(lines) == 1:
+                pending_size += len(chunk)
+                if pending_size <= max_line:
+                    pending.append(chunk)
+                else:
+                    pending.clear()
+                continue
+            head = lines[0]
+            size = pending_size + len(head)
+            offset += size + 1
+            self.end = offset
+            yield offset - size - 1, (None if size > max_line else b"".join(pending) + head)
+            for line in lines[1:-1]:
+                offset += len(line) + 1
+                self.end = offset
+                yield offset - len(line) - 1, (line if len(line) <= max_line else None)
+            last = lines[-1]
+            pending = [last]
+            pending_size = len(last)
+
+
+def _after_last_newline(fd: int, end: int) -> int:
+    """The offset just past the last ``\\n`` before ``end`` (0 if none)."""
+    pos = end
+    while pos > 0:
+        size = min(_CHUNK, pos)
+        found = os.pread(fd, size, pos - size).rfind(b"\n")
+        if found >= 0:
+            return pos - size + found + 1
+        pos -= size
+    return 0
+
+
+def _line_before(fd: int, end: int) -> bytes:
+    """The complete line that ends at ``end``, with its ``\\n``."""
+    if end == 0:
+        return b""
+    start = _after_last_newline(fd, end - 1)
+    return os.pread(fd, end - start, start)
+
+
+class _Scan:
+    """A pass over a log: the live lines by key, in the file order of their
+    last occurrence; counts; and where the complete lines end."""
+
+    def __init__(self) -> None:
+        self.live = {}  # type: Dict[Key, bytes]
+        self.lines = 0
+        self.malformed = 0
+        self.end = 0
+        self.last = b""
+
+    def keep(self, event: Event, line: bytes) -> None:
+        """Record ``event`` (parsed from ``line``) as the latest of its key."""
+        key = _key(event)
+        self.live.pop(key, None)  # so that re-inserting moves the key to the end
+        if event["changeType"] == "SET":
+            self.live[key] = line  # a DEL forgets the key: memory follows live entities
+
+    def events(self) -> List[Event]:
+        """The live events, parsed again and marked as restored."""
+        return [_mark(_parse_line(line)[0], restored=True)  # type: ignore[arg-type]
+                for line in self.live.values()]
+
+
+def _scan(fd: int, max_line: int, on_malformed: Callable[[int, int, str], None]) -> _Scan:
+    """Stream the whole file once, deduplicating as it goes."""
+    scan = _Scan()
+    lines = _Lines(fd, 0, max_line)
+    line = None  # type: Optional[bytes]
+    for lineno, (offset, line) in enumerate(lines, 1):
+        if line is None:
+            event, reason = None, "longer than %d bytes" % max_line
+        elif not line or line.isspace():
+            continue
+        else:
+            event, reason = _parse_line(line)
+        scan.lines += 1
+        if event is None:
+            scan.malformed += 1
+            on_malformed(lineno, offset, reason)
+        else:
+            scan.keep(event, line)  # type: ignore[arg-type]
+    scan.end = lines.end
+    scan.last = line + b"\n" if line is not None else b""
+    return scan
+
+
+# --- the watcher ------------------------------------------------------------
+
+
+class Watcher:
+    """A daemon thread that polls the log every ``interval`` seconds.
+
+    * The file grew: complete lines past the last one read are applied in
+      file order (SETs and DELs, marked ``preventPersist``); this process's
+      own appends are skipped; a half-written line waits for its end.
+    * The file was replaced (new inode): the old file's unread lines are
+      applied, then the new file is reloaded from the top (replay rules;
+      entities missing from it are not deleted).
+    * The file shrank or the last line read changed: reloaded from the top.
+    * The file was deleted: recreated from the live state read through the
+      still-open descriptor (a read-only persister waits for it to return).
+
+    Nothing kills the thread: a store that raises, a malformed line or an
+    I/O error is logged and counted in ``errors`` or ``malformed``.
+    ``applied`` counts events handed to the store, ``reloads`` full reloads.
+    """
+
+    def __init__(self, persister: DiskPersister, apply_batch: ApplyBatch, interval: float) -> None:
+        self.interval = interval
+        self.applied = 0
+        self.malformed = 0
+        self.errors = 0
+        self.reloads = 0
+        self._persister = persister
+        self._apply_batch = apply_batch
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="marshal-persist-watcher", daemon=True)
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def is_alive(self) -> bool:
+        """True while the thread runs."""
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        """End the thread; returns within ``interval`` + 1 s. Idempotent."""
+        self._stopping.set()
+        if self._thread is not threading.current_thread() and self._thread.ident is not None:
+            self._thread.join(self.interval + 1.0)
+        p = self._persister
+        if p._watcher is self:
+            p._watcher = None
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.interval):
+            self.poll()
+
+    def poll(self) -> int:
+        """One tick, as the thread does it; returns how many events it applied."""
+        p = self._persister
+        try:
+            with p._lock:
+                if p._tail is None or self._stopping.is_set():
+                    return 0
+                events = self._read_changes(p, p._tail)
+        except (OSError, ValueError) as exc:
+            self.errors += 1
+            p._warn("watcher: %s" % exc)
+            return 0
+        if not events:
+            return 0
+        try:
+            applied = self._apply_batch(events)
+        except Exception as exc:  # the store's failure must not kill the thread
+            self.errors += 1
+            p._warn("watcher: apply_batch failed on %d events: %r" % (len(events), exc))
+            return 0
+        count = len(events) if applied is None else applied
+        self.applied += count
+        return count
+
+    def _read_changes(self, p: DiskPersister, tail: _Tail) -> List[Event]:
+        st = _stat_or_none(p.path)
+        if st is not None and _identity(st) == tail.ident:
+            if st.st_size < tail.pos or not _ends_with(tail):
+                p._warn("truncated or rewritten in place (was %d bytes, now %d); reloading"
+                        % (tail.pos, st.st_size))
+                return self._reload(p, tail)
+            return self._read_appended(p, tail) if st.st_size > tail.pos else []
+        events = self._read_appended(p, tail)  # what the old file still had
+        if st is None:
+            if p.read_only:
+                if not tail.missing:
+                    p._warn("the log was deleted; waiting for it to come back")
+                tail.missing = True
+                return events
+            new_fd = p._recreate_from(tail.fd)
+            if new_fd is not None:
+                size = os.fstat(new_fd).st_size
+                p._set_tail(_Tail(new_fd, size, _line_before(new_fd, size)))
+                return events
+        try:
+            new_fd = os.open(p.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return events  # gone again; the next tick sees to it
+        p._warn("the log was replaced; reloading it from the top")
+        p._set_tail(_Tail(new_fd, 0, b""))
+        return events + self._reload(p, p._tail)  # type: ignore[arg-type]
+
+    def _read_appended(self, p: DiskPersister, tail: _Tail) -> List[Event]:
+        own = [(start, end) for ident, start, end in tail.own if ident == tail.ident]
+        tail.own = []  # every own append ends before the file's last complete line
+        events = []
+        lines = _Lines(tail.fd, tail.pos, p.max_line_bytes)
+        line = None  # type: Optional[bytes]
+        for offset, line in lines:
+            while own and own[0][1] <= offset:
+                del own[0]
+            if own and own[0][0] <= offset or line is not None and (not line or line.isspace()):
+                continue
+            event, reason = _parse_line(line) if line is not None else (None, "line too long")
+            if event is None:
+                self.malformed += 1
+                p._warn("watcher: skipped the line at byte %d: %s" % (offset, reason))
+            else:
+                events.append(_mark(event, restored=False))
+        if lines.end != tail.pos:
+            tail.pos = lines.end
+            tail.last = line + b"\n" if line is not None else b""
+        return events
+
+    def _reload(self, p: DiskPersister, tail: _Tail) -> List[Event]:
+        self.reloads += 1
+        scan = _scan(tail.fd, p.max_line_bytes, p._warn_line)
+        self.malformed += scan.malformed
+        tail.pos, tail.last, tail.own, tail.missing = scan.end, scan.last, [], False
+        return scan.events()
+
+
+def _ends_with(tail: _Tail) -> bool:
+    """Whether the bytes before ``tail.pos`` are still the last line read."""
+    size = len(tail.last)
+    return not size or os.pread(tail.fd, size, tail.pos - size) == tail.last
+
+
+# --- MemoryStore --------------------------------------------------------------
+
+
+class MemoryStore:
+    """A ready, thread-safe store of items keyed by ``(itemType, id)``.
+
+    Pass ``store.apply_batch`` to ``replay`` and ``start_watcher``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items = {}  # type: Dict[Key, Dict[str, Any]]
+
+    def apply_batch(self, events: List[Event]) -> int:
+        """Apply events in order (SET upserts the item, DEL removes it); returns
+        how many it applied."""
+        with self._lock:
+            for event in events:
+                key = _key(event)
+                if event["changeType"] == "SET":
+                    self._items[key] = event["item"]
+                else:
+                    self._items.pop(key, None)
+        return len(events)
+
+    def get(self, item_type: str, id: str) -> Optional[Dict[str, Any]]:
+        """The item stored under ``(item_type, id)``, or None."""
+        with self._lock:
+            return self._items.get((item_type, id))
+
+    def items(self, item_type: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Every item, or those of one ``item_type``, in insertion order."""
+        with self._lock:
+            return [item for (kind, _), item in self._items.items()
+                    if item_type is None or kind == item_type]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+# --- the command line ---------------------------------------------------------
+
+
+class _StreamLogger:
+    """A logger that writes each message as a line to a text stream."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def warning(self, message: str) -> None:
+        self.stream.write(message + "\n")
+        self.stream.flush()
+
+    info = warning
+
+
+def _open_for_reading(path: str) -> int:
+    """A read-only descriptor of the log; OSError with a clear strerror otherwise."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    if os.path.isdir(path):
+        os.close(fd)
+        raise IsADirectoryError(21, "is a directory, not a log file")
+    return fd
+
+
+def _read_log(path: str, on_malformed: Callable[[int, int, str], None]) -> Tuple[_Scan, str]:
+    """Scan the log read-only, as a writer would see it after its torn-tail
+    repair; the second value describes an unterminated last line, if any."""
+    fd = _open_for_reading(path)
+    try:
+        scan = _scan(fd, _DEFAULT_MAX_LINE, on_malformed)
+        size = os.fstat(fd).st_size - scan.end
+        fragment = os.pread(fd, size, scan.end) if 0 < size <= _DEFAULT_MAX_LINE else b""
+    finally:
+        os.close(fd)
+    if not size:
+        return scan, ""
+    event = _parse_line(fragment)[0] if fragment else None
+    if event is None:
+        return scan, "torn tail at byte %d: %d bytes of an unfinished write" % (scan.end, size)
+    scan.keep(event, fragment)
+    return scan, "the last line (byte %d) is a whole event without its newline" % scan.end
+
+
+def _count_by_type(keys: Iterable[Key]) -> Dict[str, int]:
+    counts = {}  # type: Dict[str, int]
+    for item_type, _ in keys:
+        counts[item_type] = counts.get(item_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _cli_replay(args: Any, out: Any, err: Any) -> int:
+    scan, tail_note = _read_log(args.path, _ignore)
+    keys = [key for key in scan.live if args.type is None or key[0] == args.type]
+    counts = _count_by_type(keys)
+    if args.summary:
+        for item_type, count in counts.items():
+            out.write("%s\t%d\n" % (item_type, count))
+        return 0
+    for key in keys:
+        out.write(scan.live[key].decode("utf-8") + "\n")
+    per_type = ", ".join("%s %d" % pair for pair in counts.items())
+    err.write("%s: %d lines, %d malformed, %d live%s\n" % (
+        args.path, scan.lines, scan.malformed, len(keys), " (%s)" % per_type if per_type else ""))
+    if tail_note:
+        err.write("note: %s\n" % tail_note)
+    return 0
+
+
+def _cli_check(args: Any, out: Any, err: Any) -> int:
+    def report(lineno: int, offset: int, reason: str) -> None:
+        out.write("line %d (byte %d): %s\n" % (lineno, offset, reason))
+
+    scan, tail_note = _read_log(args.path, report)
+    torn = tail_note.startswith("torn")
+    if tail_note:
+        out.write(tail_note + "\n")
+    verdict = "problems found" if scan.malformed or torn else "clean"
+    out.write("%s: %d lines, %d malformed%s: %s\n" % (
+        args.path, scan.lines, scan.malformed, ", torn tail" if torn else "", verdict))
+    return 1 if scan.malformed or torn else 0
+
+
+def _cli_follow(args: Any, out: Any, err: Any) -> int:
+    def show(events: List[Event]) -> int:
+        for event in events:
+            if args.type is None or event["itemType"] == args.type:
+                out.write(_ENCODER.encode(event) + "\n")
+        out.flush()
+        return len(events)
+
+    with DiskPersister(args.path, logger=_StreamLogger(err), read_only=True) as persister:
+        live = persister.replay(len)
+        err.write("%s: %d live entities; following (Ctrl-C to stop)\n" % (args.path, live))
+        err.flush()
+        watcher = persister.start_watcher(show, interval=args.interval)
+        try:
+            while watcher.is_alive():
+                threading.Event().wait(0.5)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The command line: ``marshal-persist replay|check|follow [PATH]``.
+
+    Returns the exit status: 0 done (``check``: clean), 1 ``check`` found
+    problems, 2 the log could not be read."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="marshal-persist",
+        description="Inspect a marshal events.jsonl log. These commands only read: they never "
+                    "create, repair or lock the file. PATH defaults to %s." % default_log_path())
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    replay = commands.add_parser(
+        "replay", help="print the live entities as JSONL",
+        description="Print the live entities (the surviving SET lines, as stored) as JSONL on "
+                    "stdout and a summary (lines, malformed, live per itemType) on stderr.")
+    replay.add_argument("--summary", action="store_true",
+                        help="print only the live count per itemType, one 'TYPE<TAB>N' a line")
+    check = commands.add_parser(
+        "check", help="list malformed lines and a torn tail",
+        description="List every malformed line (number, byte offset, reason) and a torn last "
+                    "line. Exit 1 when it found any, 0 when the log is clean.")
+    follow = commands.add_parser(
+        "follow", help="print each event the watcher applies",
+        description="Replay, then print as JSONL each event the watcher applies (appends, and "
+                    "every live entity again after a replacement or truncation) until Ctrl-C.")
+    follow.add_argument("--interval", type=float, default=0.15, metavar="SECONDS",
+                        help="how often to poll the file (default: 0.15)")
+    for sub in (replay, check, follow):
+        sub.add_argument("path", nargs="?", metavar="PATH", help="the log to read")
+    for sub in (replay, follow):
+        sub.add_argument("--type", metavar="T", help="only entities whose itemType is T")
+    args = parser.parse_args(argv)
+    args.path = args.path or default_log_path()
+    run = {"replay": _cli_replay, "check": _cli_check, "follow": _cli_follow}[args.command]
+    try:
+        return run(args, sys.stdout, sys.stderr)
+    except BrokenPipeError:  # a reader such as `head` went away: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        sys.stderr.write("marshal-persist: cannot read %s: %s\n" % (args.path, exc.strerror or exc))
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
