@@ -1,0 +1,905 @@
+"""Tests for marshal_persist: real files, real threads, real subprocesses.
+
+Faults are injected by patching ``os`` functions only where the OS cannot be
+made to fail on demand.
+"""
+
+import ast
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+import marshal_persist as mp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODULE = os.path.join(HERE, "marshal_persist.py")
+EXAMPLE = os.path.join(HERE, "examples", "events.jsonl")
+
+# The example lines of wire-format.md, exactly as the Rust daemon writes them.
+RUST_LINES = [
+    '{"item":{"connectedAt":1778259792123,"cwd":"/home/u/eww","gitBranch":"main","id":"s-1a2b",'
+    '"nickname":"eww","pid":4242},"changeType":"SET","itemType":"Session","createdAt":'
+    '"2026-05-08T17:03:12.123456789+00:00","tx":"0b9d6c1a-5f4e-4c3b-8a2d-1e0f9c8b7a65",'
+    '"sourceId":"3f2b8c1e-7d4a-4e2b-9c61-0a5d2e8f9b17"}',
+    '{"item":{"connectedAt":1778259792123,"cwd":"/home/u/eww","gitBranch":"main","id":"s-1a2b",'
+    '"nickname":"eww","pid":4242},"changeType":"DEL","itemType":"Session","createdAt":'
+    '"2026-05-08T17:09:40.500+00:00","tx":"c2d3e4f5-0617-4829-9a0b-1c2d3e4f5a6b",'
+    '"sourceId":"3f2b8c1e-7d4a-4e2b-9c61-0a5d2e8f9b17"}',
+    '{"item":{"id":"s-ext-1"},"changeType":"SET","itemType":"Session","createdAt":'
+    '"2026-05-08T17:10:00+00:00","tx":"t","sourceId":null,"options":{"preventRelationshipUpdates"'
+    ':false,"preventPersist":true,"fromPeer":null}}',
+]
+
+
+def ev(item_id, change="SET", kind="Session", **fields):
+    item = {"id": item_id}
+    item.update(fields)
+    return {"item": item, "changeType": change, "itemType": kind}
+
+
+def line(event):
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+def write(path, text, mode="a"):
+    with open(path, mode + "b") as f:
+        f.write(text.encode("utf-8") if isinstance(text, str) else text)
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def replayed(path):
+    """A fresh replay of ``path``: ``{(itemType, id): item}``."""
+    store = mp.MemoryStore()
+    with mp.DiskPersister(path) as p:
+        p.replay(store.apply_batch)
+    return {(kind, item["id"]): item for kind in ("Session", "Message", "T")
+            for item in store.items(kind)}
+
+
+def wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+class Recorder:
+    """A store that records every batch it is given (and can be told to fail)."""
+
+    def __init__(self):
+        self.batches = []
+        self.fail = False
+        self.lock = threading.Lock()
+
+    def __call__(self, events):
+        if self.fail:
+            raise RuntimeError("store is down")
+        with self.lock:
+            self.batches.append(events)
+        return None
+
+    def events(self):
+        with self.lock:
+            return [e for batch in self.batches for e in batch]
+
+    def ids(self):
+        return [e["item"]["id"] for e in self.events()]
+
+
+class ListLogger:
+    def __init__(self):
+        self.messages = []
+
+    def warning(self, msg):
+        self.messages.append(("warning", msg))
+
+    def info(self, msg):
+        self.messages.append(("info", msg))
+
+    def text(self):
+        return "\n".join(m for _, m in self.messages)
+
+
+@pytest.fixture
+def log_path(tmp_path):
+    return str(tmp_path / "state" / "events.jsonl")
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "marshal_persist", *args], cwd=HERE,
+                          capture_output=True, text=True, timeout=30, **kwargs)
+
+
+# --- the module's promises -----------------------------------------------------
+
+
+def test_runtime_imports_are_json_os_threading_only():
+    tree = ast.parse(read(MODULE).decode("utf-8"))
+    allowed = {"json", "os", "threading", "__future__"}
+    found = []
+
+    def visit(node, guarded, in_function):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)) and not guarded:
+                names = [a.name for a in child.names] if isinstance(child, ast.Import) else [child.module]
+                for name in names:
+                    root = name.split(".")[0]
+                    ok = root in allowed or (in_function and root in ("sys", "argparse"))
+                    found.append((root, ok, child.lineno))
+            is_type_checking = isinstance(child, ast.If) and "TYPE_CHECKING" in ast.dump(child.test)
+            visit(child, guarded or is_type_checking,
+                  in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+    visit(tree, False, False)
+    assert [f for f in found if not f[1]] == []
+    assert {root for root, _, _ in found} >= {"json", "os", "threading"}
+    # The TYPE_CHECKING guard must never run.
+    assert mp.TYPE_CHECKING is False and "typing" not in vars(mp)
+
+
+def test_public_names_are_listed_and_documented():
+    expected = {"__version__", "default_state_dir", "default_log_path", "migrate_from_claude_coord",
+                "PersistError", "PersistHealth", "DiskPersister", "Watcher", "MemoryStore", "main"}
+    assert set(mp.__all__) == expected
+    for name in expected - {"__version__"}:
+        obj = getattr(mp, name)
+        assert obj.__doc__ and obj.__doc__.strip(), name
+        for attr, member in vars(obj).items() if isinstance(obj, type) else ():
+            if not attr.startswith("_") and callable(member):
+                assert member.__doc__, "%s.%s" % (name, attr)
+    readme = read(os.path.join(HERE, "README.md")).decode("utf-8")
+    for name in expected:
+        assert name in readme, name
+    for public in ("persist", "replay", "start_watcher", "close", "health", "apply_batch",
+                   "items", "get", "stop", "is_alive", "as_dict", "max_line_bytes", "read_only",
+                   "--type", "--summary", "--interval"):
+        assert public in readme, public
+
+
+def test_default_paths(monkeypatch):
+    monkeypatch.setenv("MARSHAL_STATE_DIR", "/srv/m")
+    monkeypatch.setenv("HOME", "/home/u")
+    assert mp.default_state_dir() == "/srv/m"
+    assert mp.default_log_path() == "/srv/m/events.jsonl"
+    monkeypatch.setenv("MARSHAL_STATE_DIR", "")
+    assert mp.default_state_dir() == "/home/u/.local/state/marshal"
+    monkeypatch.delenv("MARSHAL_STATE_DIR")
+    monkeypatch.delenv("HOME")
+    assert mp.default_state_dir() == ".marshal"
+    assert mp.default_log_path() == os.path.join(".marshal", "events.jsonl")
+
+
+# --- migration --------------------------------------------------------------------
+
+
+def test_migration_moves_once_and_never_clobbers(tmp_path, monkeypatch):
+    legacy_dir = tmp_path / "claude-coord"
+    legacy_dir.mkdir()
+    legacy = legacy_dir / "events.jsonl"
+    legacy.write_text(RUST_LINES[0] + "\n")
+    monkeypatch.setenv("CLAUDE_COORD_STATE_DIR", str(legacy_dir))
+    new = str(tmp_path / "marshal" / "events.jsonl")
+
+    assert mp.migrate_from_claude_coord(new) is True
+    assert not legacy.exists()
+    assert read(new) == (RUST_LINES[0] + "\n").encode()
+    assert mp.migrate_from_claude_coord(new) is False  # idempotent
+
+    legacy.write_text("old\n")
+    logger = ListLogger()
+    assert mp.migrate_from_claude_coord(new, logger) is False
+    assert legacy.read_text() == "old\n" and read(new) == (RUST_LINES[0] + "\n").encode()
+    assert "both legacy" in logger.text()
+
+
+def test_migration_uses_home_default_and_noops_without_legacy(tmp_path, monkeypatch):
+    monkeypatch.delenv("CLAUDE_COORD_STATE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    new = str(tmp_path / "new" / "events.jsonl")
+    assert mp.migrate_from_claude_coord(new) is False
+    assert not os.path.exists(new)
+    legacy = tmp_path / ".local" / "state" / "claude-coord" / "events.jsonl"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_text("x\n")
+    assert mp.migrate_from_claude_coord(new) is True
+    assert read(new) == b"x\n" and not legacy.exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs a second filesystem")
+def test_migration_across_filesystems_copies_durably(tmp_path, monkeypatch):
+    legacy_dir = tempfile.mkdtemp(dir="/dev/shm")
+    try:
+        if os.stat(legacy_dir).st_dev == os.stat(str(tmp_path)).st_dev:
+            pytest.skip("/dev/shm is on the same filesystem here")
+        payload = "".join(line(ev("s%d" % i)) for i in range(3000))
+        write(os.path.join(legacy_dir, "events.jsonl"), payload)
+        monkeypatch.setenv("CLAUDE_COORD_STATE_DIR", legacy_dir)
+        new = str(tmp_path / "m" / "events.jsonl")
+        assert mp.migrate_from_claude_coord(new) is True
+        assert read(new) == payload.encode()
+        assert os.stat(new).st_mode & 0o777 == 0o600
+        assert os.listdir(legacy_dir) == []
+        assert os.listdir(str(tmp_path / "m")) == ["events.jsonl"]  # no temp file left
+    finally:
+        for name in os.listdir(legacy_dir):
+            os.unlink(os.path.join(legacy_dir, name))
+        os.rmdir(legacy_dir)
+
+
+# --- errors and health ----------------------------------------------------------------
+
+
+def test_persist_error_shape():
+    err = mp.PersistError("Session", "disk full")
+    assert (err.entity_type, err.message) == ("Session", "disk full")
+    assert str(err) == "persist failed for Session: disk full"
+
+
+def test_health_counts_every_outcome_across_threads():
+    health = mp.PersistHealth()
+
+    def work():
+        for i in range(1000):
+            health.record_enqueue()
+            if i % 10 == 0:
+                health.record_dropped("bad")
+            elif i % 10 == 1:
+                health.record_error("eio")
+            else:
+                health.record_success()
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    snap = health.as_dict()
+    assert snap["queued"] == 0  # a dropped event does not leak (the Rust does)
+    assert (snap["total_persisted"], snap["total_errors"], snap["total_dropped"]) == (6400, 800, 800)
+    assert snap["healthy"] is True and snap["consecutive_errors"] == 0
+    health.record_enqueue()
+    health.record_error("eio")
+    assert not health.healthy and health.consecutive_errors == 1 and health.last_error == "eio"
+
+
+# --- the write path ------------------------------------------------------------------------
+
+
+def test_new_log_dirs_and_file_permissions_ignore_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        path = str(tmp_path / "a" / "b" / "events.jsonl")
+        mp.DiskPersister(path).close()
+    finally:
+        os.umask(old)
+    assert os.stat(str(tmp_path / "a")).st_mode & 0o777 == 0o700
+    assert os.stat(str(tmp_path / "a" / "b")).st_mode & 0o777 == 0o700
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_persist_writes_the_rust_wire_format_byte_for_byte(log_path):
+    with mp.DiskPersister(log_path) as p:
+        for text in RUST_LINES:
+            p.persist(json.loads(text))
+        p.persist(ev("m-1", kind="Message", body="héllo — 雪 🚀"))
+    data = read(log_path)
+    assert data.startswith(("\n".join(RUST_LINES) + "\n").encode())
+    assert data.endswith('"body":"héllo — 雪 🚀"},"changeType":"SET","itemType":"Message"}\n'.encode())
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ("not a dict", "not a JSON object"),
+    ({"item": {"id": "a"}, "changeType": "SET"}, "itemType"),
+    ({"item": {"id": "a"}, "changeType": "set", "itemType": "T"}, "changeType"),
+    ({"item": {"id": "a"}, "changeType": "PUT", "itemType": "T"}, "changeType"),
+    ({"item": ["a"], "changeType": "SET", "itemType": "T"}, "item is"),
+    ({"item": {}, "changeType": "SET", "itemType": "T"}, "item.id"),
+    ({"item": {"id": ""}, "changeType": "SET", "itemType": "T"}, "item.id"),
+    ({"item": {"id": 7}, "changeType": "SET", "itemType": "T"}, "item.id"),
+    ({"item": {"id": None}, "changeType": "SET", "itemType": "T"}, "item.id"),
+    ({"item": {"id": "a", "x": float("nan")}, "changeType": "SET", "itemType": "T"}, "serializable"),
+    ({"item": {"id": "a", "x": float("inf")}, "changeType": "SET", "itemType": "T"}, "serializable"),
+    ({"item": {"id": "a", "x": object()}, "changeType": "SET", "itemType": "T"}, "serializable"),
+    ({"item": {"id": "a", "x": "\ud800"}, "changeType": "SET", "itemType": "T"}, "serializable"),
+    ({"item": {"id": "a"}, "changeType": "SET", "itemType": "T", "tx": 5}, "tx"),
+    ({"item": {"id": "a"}, "changeType": "SET", "itemType": "T", "options": {"preventPersist": 1}},
+     "preventPersist"),
+])
+def test_invalid_events_are_refused_and_write_nothing(log_path, bad, reason):
+    with mp.DiskPersister(log_path) as p:
+        with pytest.raises(mp.PersistError) as info:
+            p.persist(bad)
+        assert reason in info.value.message
+        assert p.health.as_dict()["queued"] == 0 and p.health.total_dropped == 1
+        assert p.health.healthy
+    assert read(log_path) == b""
+
+
+def test_persist_is_synced_before_it_returns(log_path, monkeypatch):
+    synced = []
+    real = mp._datasync
+    monkeypatch.setattr(mp, "_datasync", lambda fd: (real(fd), synced.append(os.fstat(fd).st_size)))
+    with mp.DiskPersister(log_path) as p:
+        p.persist(ev("a"))
+        assert synced == [len(line(ev("a")))]
+
+
+@pytest.mark.parametrize("fault", ["enospc-after-half", "eio-on-write", "eio-on-fsync"])
+def test_failed_write_leaves_no_partial_record_and_recovers(log_path, monkeypatch, fault):
+    with mp.DiskPersister(log_path) as p:
+        p.persist(ev("before"))
+        real_write, real_sync = os.write, mp._datasync
+
+        def broken_write(fd, data):
+            if fault == "enospc-after-half":
+                real_write(fd, bytes(data[: len(data) // 2]))
+                raise OSError(28, "No space left on device")
+            raise OSError(5, "Input/output error")
+
+        def broken_sync(fd):
+            raise OSError(5, "Input/output error")
+
+        if fault == "eio-on-fsync":
+            monkeypatch.setattr(mp, "_datasync", broken_sync)
+        else:
+            monkeypatch.setattr(os, "write", broken_write)
+        with pytest.raises(mp.PersistError) as info:
+            p.persist(ev("lost", note="x" * 500))
+        assert "write/fsync" in info.value.message
+        assert read(log_path) == line(ev("before")).encode()  # cut back to where it began
+        health = p.health.as_dict()
+        assert (health["total_errors"], health["consecutive_errors"], health["queued"]) == (1, 1, 0)
+        assert not health["healthy"]
+        monkeypatch.setattr(os, "write", real_write)
+        monkeypatch.setattr(mp, "_datasync", real_sync)
+        p.persist(ev("after"))
+        assert p.health.healthy
+    assert set(replayed(log_path)) == {("Session", "before"), ("Session", "after")}
+
+
+def test_short_writes_are_continued(log_path, monkeypatch):
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))
+    with mp.DiskPersister(log_path) as p:
+        p.persist(ev("a", body="y" * 100))
+    assert read(log_path) == line(ev("a", body="y" * 100)).encode()
+
+
+def test_never_glues_onto_an_unterminated_line(log_path):
+    with mp.DiskPersister(log_path) as p:
+        p.persist(ev("a"))
+        write(log_path, '{"item":{"id":"torn"},"changeTy')  # a foreign writer died mid-line
+        p.persist(ev("b"))
+    assert read(log_path).endswith(b'"changeTy\n' + line(ev("b")).encode())
+    assert set(replayed(log_path)) == {("Session", "a"), ("Session", "b")}
+
+
+def test_concurrent_processes_never_interleave(log_path):
+    mp.DiskPersister(log_path).close()
+    child = (
+        "import sys, marshal_persist as mp\n"
+        "p = mp.DiskPersister(sys.argv[1])\n"
+        "for i in range(300):\n"
+        "    p.persist({'item': {'id': '%s-%d' % (sys.argv[2], i), 'pad': 'z' * 3000},"
+        " 'changeType': 'SET', 'itemType': 'T'})\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", child, log_path, name], cwd=HERE)
+             for name in ("p1", "p2", "p3")]
+    assert [proc.wait(60) for proc in procs] == [0, 0, 0]
+    lines = read(log_path).split(b"\n")
+    assert lines[-1] == b"" and len(lines) == 901
+    assert all(json.loads(text)["item"]["pad"] == "z" * 3000 for text in lines[:-1])
+    assert len(replayed(log_path)) == 900
+
+
+def test_no_stray_lock_is_left_for_other_processes(log_path):
+    probe = ("import os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
+             "os.lockf(fd, os.F_TLOCK, 0)\nprint('locked')\n")
+    with mp.DiskPersister(log_path) as p:
+        for i in range(3):
+            p.persist(ev(str(i)))
+        out = subprocess.run([sys.executable, "-c", probe, log_path], capture_output=True,
+                             text=True, timeout=10)
+        assert out.stdout == "locked\n", out.stderr
+
+
+def test_persist_follows_a_replaced_log(log_path, tmp_path):
+    with mp.DiskPersister(log_path) as p:
+        p.persist(ev("old"))
+        other = str(tmp_path / "prepared.jsonl")
+        write(other, line(ev("prepared")))
+        os.replace(other, log_path)
+        p.persist(ev("new"))
+    assert read(log_path) == (line(ev("prepared")) + line(ev("new"))).encode()
+
+
+def test_persist_after_deletion_recreates_the_live_state(log_path):
+    logger = ListLogger()
+    with mp.DiskPersister(log_path, logger=logger) as p:
+        p.persist(ev("a", v=1))
+        p.persist(ev("b"))
+        p.persist(ev("a", v=2))
+        p.persist(ev("b", "DEL"))
+        os.unlink(log_path)
+        p.persist(ev("c"))
+    assert read(log_path) == (line(ev("a", v=2)) + line(ev("c"))).encode()
+    assert os.stat(log_path).st_mode & 0o777 == 0o600
+    assert "deleted" in logger.text()
+    assert sorted(os.listdir(os.path.dirname(log_path))) == ["events.jsonl"]
+
+
+def test_killed_writer_loses_no_acknowledged_event(log_path):
+    child = (
+        "import sys, marshal_persist as mp\n"
+        "p = mp.DiskPersister(sys.argv[1])\n"
+        "i = 0\n"
+        "while True:\n"
+        "    p.persist({'item': {'id': 'k%d' % (i % 50), 'n': i, 'pad': 'p' * (i % 900)},"
+        " 'changeType': 'SET', 'itemType': 'T'})\n"
+        "    print(i, flush=True)\n"
+        "    i += 1\n"
+    )
+    for round_ in range(3):
+        proc = subprocess.Popen([sys.executable, "-u", "-c", child, log_path], cwd=HERE,
+                                stdout=subprocess.PIPE, text=True)
+        acked = []
+        for text in proc.stdout:
+            acked.append(int(text))
+            if len(acked) >= 150 + 37 * round_:
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        acked.extend(int(t) for t in proc.stdout.read().split())
+        state = replayed(log_path)
+        latest = {}
+        for n in acked:
+            latest["k%d" % (n % 50)] = n
+        for key, n in latest.items():  # an unacknowledged later write may also have landed
+            assert state[("T", key)]["n"] >= n and state[("T", key)]["n"] % 50 == n % 50
+        for text in read(log_path).splitlines():
+            json.loads(text)  # nothing glued, nothing torn
+        os.unlink(log_path)
+
+
+# --- open and replay ------------------------------------------------------------------------
+
+
+def test_a_whole_unterminated_last_event_is_terminated(log_path):
+    os.makedirs(os.path.dirname(log_path))
+    write(log_path, line(ev("a")) + line(ev("b"))[:-1])
+    logger = ListLogger()
+    mp.DiskPersister(log_path, logger=logger).close()
+    assert read(log_path) == (line(ev("a")) + line(ev("b"))).encode()
+    assert not os.path.exists(log_path + ".torn")
+    assert "terminated" in logger.text()
+
+
+def test_a_torn_last_line_moves_to_the_torn_file(log_path):
+    os.makedirs(os.path.dirname(log_path))
+    torn = line(ev("c", body="x" * 50))[:31]
+    write(log_path, line(ev("a")) + torn)
+    logger = ListLogger()
+    with mp.DiskPersister(log_path, logger=logger) as p:
+        p.persist(ev("d"))
+    assert read(log_path) == (line(ev("a")) + line(ev("d"))).encode()
+    assert read(log_path + ".torn") == (torn + "\n").encode()
+    assert os.stat(log_path + ".torn").st_mode & 0o777 == 0o600
+    assert "byte %d" % len(line(ev("a"))) in logger.text()
+
+
+def test_replay_dedups_last_wins_in_order_of_last_occurrence(log_path):
+    with mp.DiskPersister(log_path) as p:
+        for event in [ev("a", v=1), ev("b", v=1), ev("m", kind="Message"), ev("c", v=1),
+                      ev("a", v=2), ev("b", "DEL"), ev("c", "DEL"), ev("c", v=3),
+                      ev("a", kind="Message", note="same id, other type")]:
+            p.persist(event)
+        recorder = Recorder()
+        assert p.replay(recorder) == 4
+    assert len(recorder.batches) == 1
+    got = [(e["itemType"], e["item"]["id"], e["item"].get("v")) for e in recorder.events()]
+    assert got == [("Message", "m", None), ("Session", "a", 2), ("Session", "c", 3), ("Message", "a", None)]
+    for event in recorder.events():
+        assert event["options"] == {"preventPersist": True, "preventRelationshipUpdates": True,
+                                    "fromPeer": None}
+
+
+def test_replay_keeps_other_option_keys_and_returns_the_store_count(log_path):
+    os.makedirs(os.path.dirname(log_path))
+    write(log_path, "\n".join(RUST_LINES) + "\n")
+    with mp.DiskPersister(log_path) as p:
+        events = []
+        assert p.replay(lambda batch: events.extend(batch) or 7) == 7
+    assert [e["item"]["id"] for e in events] == ["s-ext-1"]
+    assert events[0]["options"] == {"preventRelationshipUpdates": True, "preventPersist": True,
+                                    "fromPeer": None}
+    assert events[0]["sourceId"] is None and events[0]["tx"] == "t"
+
+
+MALFORMED = [
+    b"not json at all",
+    b"[1, 2, 3]",
+    b'"a string"',
+    b'{"item":{"id":"x"},"changeType":"set","itemType":"T"}',
+    b'{"item":{"id":"x"},"changeType":"SET"}',
+    b'{"item":{"id":""},"changeType":"SET","itemType":"T"}',
+    b'{"item":{"id":null},"changeType":"SET","itemType":"T"}',
+    b'{"item":{"id":12},"changeType":"SET","itemType":"T"}',
+    b'{"item":{},"changeType":"SET","itemType":"T"}',
+    b'{"item":"x","changeType":"SET","itemType":"T"}',
+    b'{"item":{"id":"x","v":NaN},"changeType":"SET","itemType":"T"}',
+    b'{"item":{"id":"\xff\xfe"},"changeType":"SET","itemType":"T"}',
+    b'{"item":{"id":"x"},"changeType":"SET","itemType":"T","createdAt":5}',
+    b'{"item":{"id":"x","deep":' + b"[" * 100000 + b"]" * 100000 + b'},"changeType":"SET","itemType":"T"}',
+    b"\x00\x00\x00",
+    b"\xef\xbb\xbf" + line(ev("bom")).encode().rstrip(b"\n"),
+    b'{"item":{"id":"x","n":' + b"9" * 5000 + b'},"changeType":"SET","itemType":"T"}',
+]
+
+
+def test_replay_skips_and_counts_every_kind_of_malformed_line(log_path):
+    os.makedirs(os.path.dirname(log_path))
+    body = [line(ev("first")).encode()]
+    for bad in MALFORMED:
+        body.append(bad + b"\n")
+    body.append(b"\n   \n")  # blank lines are skipped silently, as the Rust does
+    body.append(line(ev("last")).rstrip("\n").encode() + b"\r\n")  # CRLF is valid JSON whitespace
+    write(log_path, b"".join(body))
+    logger = ListLogger()
+    with mp.DiskPersister(log_path, logger=logger) as p:
+        recorder = Recorder()
+        assert p.replay(recorder) == 2
+    assert recorder.ids() == ["first", "last"]
+    skipped = [m for level, m in logger.messages if "skipped line" in m]
+    assert len(skipped) == len(MALFORMED)
+    assert "line 2 (byte %d)" % len(line(ev("first"))) in skipped[0]
+    assert "invalid UTF-8" in logger.text() and "nesting too deep" in logger.text()
+
+
+def test_overlong_lines_are_skipped_without_reading_them_whole(log_path):
+    os.makedirs(os.path.dirname(log_path))
+    huge = line(ev("huge", blob="h" * 3000000))
+    write(log_path, line(ev("a")) + huge + line(ev("b")))
+    logger = ListLogger()
+    with mp.DiskPersister(log_path, logger=logger, max_line_bytes=100000) as p:
+        recorder = Recorder()
+        p.replay(recorder)
+        watcher = p.start_watcher(recorder, interval=0.02)
+        write(log_path, huge + line(ev("c")))
+        assert wait_until(lambda: "c" in recorder.ids())
+        watcher.stop()
+    assert recorder.ids() == ["a", "b", "c"]
+    assert watcher.malformed == 1
+    assert "longer than 100000 bytes" in logger.text() and "line too long" in logger.text()
+
+
+def test_replay_propagates_a_store_failure(log_path):
+    with mp.DiskPersister(log_path) as p:
+        p.persist(ev("a"))
+        recorder = Recorder()
+        recorder.fail = True
+        with pytest.raises(RuntimeError, match="store is down"):
+            p.replay(recorder)
+
+
+def test_replay_reads_what_the_rust_writes_and_the_example(log_path):
+    state = replayed(EXAMPLE)
+    assert len(state) == 5
+    assert state[("Session", "s-1a2b")]["gitBranch"] == "parser-v2"
+    assert ("Message", "m-0001") not in state and ("Session", "s-9e4f") not in state
+
+
+# --- the watcher ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def watched(log_path):
+    """A persister with one own event replayed and a fast watcher into a Recorder."""
+    p = mp.DiskPersister(log_path, logger=ListLogger())
+    p.persist(ev("seed"))
+    recorder = Recorder()
+    p.replay(recorder)
+    recorder.batches.clear()
+    watcher = p.start_watcher(recorder, interval=0.02)
+    yield p, watcher, recorder, log_path
+    p.close()
+    assert not watcher.is_alive()
+
+
+def test_watcher_applies_foreign_appends_and_skips_its_own(watched):
+    p, watcher, recorder, path = watched
+    p.persist(ev("own1"))
+    write(path, line(ev("ext1")))
+    p.persist(ev("own2"))
+    write(path, line(ev("ext2", "DEL")))
+    p.persist(ev("own3"))
+    assert wait_until(lambda: recorder.ids() == ["ext1", "ext2"])
+    time.sleep(0.1)
+    assert recorder.ids() == ["ext1", "ext2"]
+    assert [e["changeType"] for e in recorder.events()] == ["SET", "DEL"]
+    assert all(e["options"]["preventPersist"] is True for e in recorder.events())
+    assert all(e["options"]["preventRelationshipUpdates"] is False for e in recorder.events())
+    assert watcher.applied == 2 and watcher.reloads == 0
+
+
+def test_watcher_with_threads_and_another_process_sees_each_foreign_event_once(watched):
+    p, watcher, recorder, path = watched
+    appender = (
+        "import sys, marshal_persist as mp\n"
+        "p = mp.DiskPersister(sys.argv[1])\n"
+        "for i in range(200):\n"
+        "    p.persist({'item': {'id': 'ext%d' % i}, 'changeType': 'SET', 'itemType': 'T'})\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", appender, path], cwd=HERE)
+
+    def own(n):
+        for i in range(100):
+            p.persist(ev("own%d-%d" % (n, i), kind="T"))
+
+    threads = [threading.Thread(target=own, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert proc.wait(60) == 0
+    assert wait_until(lambda: len(recorder.ids()) >= 200)
+    time.sleep(0.1)
+    assert sorted(recorder.ids()) == sorted("ext%d" % i for i in range(200))
+    assert len(replayed(path)) == 601
+
+
+def test_watcher_waits_for_a_half_written_line(watched):
+    p, watcher, recorder, path = watched
+    text = line(ev("slow", body="b" * 200))
+    write(path, text[:100])
+    time.sleep(0.15)
+    assert recorder.ids() == [] and watcher.malformed == 0
+    write(path, text[100:])
+    assert wait_until(lambda: recorder.ids() == ["slow"])
+    assert watcher.malformed == 0
+
+
+def test_watcher_reloads_a_replaced_log_after_reading_the_old_one(watched, tmp_path):
+    p, watcher, recorder, path = watched
+    with p._lock:  # hold the watcher off so both changes land in one tick
+        write(path, line(ev("late-in-old")))
+        prepared = str(tmp_path / "new.jsonl")
+        write(prepared, line(ev("n1")) + line(ev("n2")) + line(ev("n1", "DEL")))
+        os.rename(prepared, path)
+    assert wait_until(lambda: watcher.reloads == 1 and "n2" in recorder.ids())
+    assert recorder.ids() == ["late-in-old", "n2"]
+    assert recorder.events()[1]["options"]["preventRelationshipUpdates"] is True
+    p.persist(ev("own-after"))
+    write(path, line(ev("ext-after")))
+    assert wait_until(lambda: "ext-after" in recorder.ids())
+    time.sleep(0.1)
+    assert recorder.ids() == ["late-in-old", "n2", "ext-after"]
+    assert read(path).endswith(line(ev("own-after")).encode() + line(ev("ext-after")).encode())
+
+
+def test_watcher_reloads_after_truncation_and_in_place_rewrite(watched):
+    p, watcher, recorder, path = watched
+    write(path, line(ev("x1")))
+    assert wait_until(lambda: recorder.ids() == ["x1"])
+    with open(path, "r+b") as f:  # truncate in place (same inode), as copytruncate does
+        f.truncate(0)
+    assert wait_until(lambda: watcher.reloads == 1)
+    write(path, line(ev("y1", pad="q" * 300)))
+    assert wait_until(lambda: "y1" in recorder.ids())
+    # rewritten in place and grown past the watermark before the watcher looked
+    with p._lock:
+        with open(path, "r+b") as f:
+            f.truncate(0)
+        write(path, line(ev("z1", pad="r" * 400)) + line(ev("z2")))
+    assert wait_until(lambda: watcher.reloads == 2 and "z2" in recorder.ids())
+    assert recorder.ids()[-2:] == ["z1", "z2"]
+
+
+def test_watcher_recreates_a_deleted_log_from_the_open_descriptor(watched):
+    p, watcher, recorder, path = watched
+    write(path, line(ev("ext", v=1)))
+    p.persist(ev("own", v=1))
+    p.persist(ev("gone"))
+    p.persist(ev("gone", "DEL"))
+    assert wait_until(lambda: recorder.ids() == ["ext"])
+    os.unlink(path)
+    assert wait_until(lambda: os.path.exists(path))
+    assert read(path) == (line(ev("seed")) + line(ev("ext", v=1)) + line(ev("own", v=1))).encode()
+    p.persist(ev("after"))
+    write(path, line(ev("ext2")))
+    assert wait_until(lambda: "ext2" in recorder.ids())
+    assert watcher.reloads == 0 and recorder.ids() == ["ext", "ext2"]
+    assert set(replayed(path)) == {("Session", k) for k in ("seed", "ext", "own", "after", "ext2")}
+
+
+def test_watcher_survives_a_failing_store_and_malformed_lines(watched):
+    p, watcher, recorder, path = watched
+    recorder.fail = True
+    write(path, line(ev("lost-to-store")))
+    assert wait_until(lambda: watcher.errors == 1)
+    recorder.fail = False
+    write(path, "garbage\n" + line(ev("ok")))
+    assert wait_until(lambda: recorder.ids() == ["ok"])
+    assert watcher.malformed == 1 and watcher.is_alive()
+    assert "apply_batch failed" in p._logger.text()
+    assert "skipped the line at byte" in p._logger.text()
+
+
+def test_watcher_stops_promptly_and_only_one_runs(log_path):
+    with mp.DiskPersister(log_path) as p:
+        watcher = p.start_watcher(Recorder(), interval=0.5)
+        with pytest.raises(RuntimeError):
+            p.start_watcher(Recorder())
+        start = time.monotonic()
+        with watcher:
+            pass
+        assert time.monotonic() - start < 1.5 and not watcher.is_alive()
+        p.start_watcher(Recorder(), interval=0.05).stop()
+
+
+def test_watcher_without_replay_starts_at_the_end(log_path):
+    with mp.DiskPersister(log_path) as p:
+        p.persist(ev("before"))
+        recorder = Recorder()
+        with p.start_watcher(recorder, interval=0.02):
+            write(log_path, line(ev("after")))
+            assert wait_until(lambda: recorder.ids() == ["after"])
+
+
+def test_a_store_that_persists_does_not_echo(log_path):
+    """The watcher drops the lock before apply_batch, so a store may persist."""
+    with mp.DiskPersister(log_path) as p:
+        store = mp.MemoryStore()
+        p.replay(store.apply_batch)
+
+        def apply_and_persist(events):
+            for event in events:
+                if not event["item"]["id"].startswith("echo"):
+                    p.persist(ev("echo-" + event["item"]["id"]))
+            return store.apply_batch(events)
+
+        with p.start_watcher(apply_and_persist, interval=0.02):
+            write(log_path, line(ev("ext")))
+            assert wait_until(lambda: store.get("Session", "ext") is not None)
+            time.sleep(0.1)
+        assert len(store) == 1
+    assert read(log_path) == (line(ev("ext")) + line(ev("echo-ext"))).encode()
+
+
+# --- MemoryStore and read-only -------------------------------------------------------------
+
+
+def test_memory_store():
+    store = mp.MemoryStore()
+    assert store.apply_batch([ev("a", v=1), ev("b", kind="Message"), ev("a", v=2), ev("c"),
+                              ev("c", "DEL"), ev("zz", "DEL")]) == 6
+    assert len(store) == 2
+    assert store.get("Session", "a") == {"id": "a", "v": 2}
+    assert store.get("Session", "c") is None and store.get("Message", "a") is None
+    assert store.items("Message") == [{"id": "b"}]
+    assert len(store.items()) == 2
+
+
+def test_read_only_persister_changes_nothing(log_path, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        mp.DiskPersister(str(tmp_path / "missing" / "events.jsonl"), read_only=True)
+    assert not os.path.exists(str(tmp_path / "missing"))
+    os.makedirs(os.path.dirname(log_path))
+    content = (line(ev("a")) + '{"torn').encode()
+    write(log_path, content)
+    with mp.DiskPersister(log_path, read_only=True) as p:
+        assert p.replay(Recorder()) == 1
+        with pytest.raises(mp.PersistError, match="read-only"):
+            p.persist(ev("b"))
+    assert read(log_path) == content and not os.path.exists(log_path + ".torn")
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def test_cli_replay_the_readme_first_command():
+    out = run_cli("replay", "examples/events.jsonl")
+    assert out.returncode == 0, out.stderr
+    ids = [json.loads(text)["item"]["id"] for text in out.stdout.splitlines()]
+    assert sorted(ids) == ["m-0002", "m-0004", "s-1a2b", "s-7c3d", "s-ext-1"]
+    assert "16 lines, 1 malformed, 5 live (Message 2, Session 3)" in out.stderr
+    summary = run_cli("replay", "--summary", "--type", "Message", "examples/events.jsonl")
+    assert summary.stdout == "Message\t2\n"
+    only = run_cli("replay", "--type", "Session", "examples/events.jsonl")
+    assert len(only.stdout.splitlines()) == 3
+
+
+def test_cli_replay_outputs_stored_lines_and_is_read_only(log_path):
+    os.makedirs(os.path.dirname(log_path))
+    content = line(ev("a", v=1)) + line(ev("a", v=2)) + line(ev("b"))[:-1]
+    write(log_path, content)
+    out = run_cli("replay", log_path)
+    assert out.stdout == line(ev("a", v=2)) + line(ev("b"))
+    assert "without its newline" in out.stderr
+    assert read(log_path) == content.encode()
+
+
+def test_cli_check(log_path):
+    assert run_cli("check", EXAMPLE).returncode == 1
+    os.makedirs(os.path.dirname(log_path))
+    write(log_path, line(ev("a")) + line(ev("b")))
+    clean = run_cli("check", log_path)
+    assert clean.returncode == 0 and "clean" in clean.stdout
+    write(log_path, '[1]\n{"item":{"id":""},"changeType":"SET","itemType":"T"}\n{"torn')
+    before = read(log_path)
+    bad = run_cli("check", log_path)
+    assert bad.returncode == 1
+    assert "line 3 (byte %d): not a JSON object" % (2 * len(line(ev("a")))) in bad.stdout
+    assert "line 4" in bad.stdout and "item.id" in bad.stdout
+    assert "torn tail at byte" in bad.stdout
+    assert read(log_path) == before
+
+
+@pytest.mark.parametrize("target", ["missing", "directory", "under-a-file"])
+@pytest.mark.parametrize("command", ["replay", "check", "follow"])
+def test_cli_bad_paths_exit_2_without_traceback(tmp_path, command, target):
+    path = {"missing": str(tmp_path / "nope.jsonl"), "directory": str(tmp_path),
+            "under-a-file": os.path.join(EXAMPLE, "x")}[target]
+    out = run_cli(command, path)
+    assert out.returncode == 2
+    assert out.stderr.startswith("marshal-persist: cannot read") and "Traceback" not in out.stderr
+    assert len(out.stderr.splitlines()) == 1
+    assert not os.path.exists(str(tmp_path / "nope.jsonl"))
+
+
+def test_cli_default_path_and_help(tmp_path):
+    env = dict(os.environ, MARSHAL_STATE_DIR=str(tmp_path))
+    out = run_cli("check", env=env)
+    assert out.returncode == 2 and str(tmp_path / "events.jsonl") in out.stderr
+    write(str(tmp_path / "events.jsonl"), line(ev("a")))
+    assert run_cli("check", env=env).returncode == 0
+    helps = run_cli("--help").stdout + run_cli("replay", "--help").stdout + run_cli("follow", "--help").stdout
+    for word in ("replay", "check", "follow", "--type", "--summary", "--interval", "PATH"):
+        assert word in helps
+    assert run_cli().returncode == 2
+
+
+def test_cli_follow_prints_applied_events_and_stops_cleanly_on_ctrl_c(log_path):
+    os.makedirs(os.path.dirname(log_path))
+    write(log_path, line(ev("old")))
+    proc = subprocess.Popen([sys.executable, "-m", "marshal_persist", "follow", "--interval", "0.02",
+                             log_path], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert wait_until(lambda: "following" in proc.stderr.readline())
+        write(log_path, line(ev("new", v=1)))
+        got = json.loads(proc.stdout.readline())
+        assert got["item"] == {"id": "new", "v": 1} and got["options"]["preventPersist"] is True
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and "Traceback" not in err
+    assert read(log_path) == (line(ev("old")) + line(ev("new", v=1))).encode()
+
+
+def test_readme_examples_run(tmp_path):
+    """The README's Python examples run as written, in a fresh process."""
+    import re
+    readme = read(os.path.join(HERE, "README.md")).decode("utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) == 2
+    env = dict(os.environ, MARSHAL_STATE_DIR=str(tmp_path / "state"), HOME=str(tmp_path))
+    for block in blocks:
+        out = subprocess.run([sys.executable, "-c", block], cwd=HERE, env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+    assert set(replayed(str(tmp_path / "state" / "events.jsonl"))) == {("Session", "s-1"),
+                                                                      ("Session", "s-2")}
