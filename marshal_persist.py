@@ -430,7 +430,11 @@ class DiskPersister:
             self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))  # type: Optional[int]
         else:
             self._fd = self._open_or_create()
-            self._repair_torn_tail()
+            try:
+                self._repair_torn_tail()
+            except BaseException:
+                os.close(self._fd)
+                raise
         self._ident = _identity(os.fstat(self._fd))
 
     def __enter__(self) -> DiskPersister:
@@ -527,12 +531,15 @@ class DiskPersister:
             data = _encode_event(event)
         except PersistError as exc:
             self.health.record_dropped(exc.message)
+            self._warn("refused an event: %s" % exc)
             raise
         try:
             self._append(data)
         except (OSError, ValueError) as exc:
-            self.health.record_error(str(exc))
-            raise PersistError(event["itemType"], "write/fsync: %s" % exc) from None
+            error = PersistError(event["itemType"], "write/fsync: %s" % exc)
+            self.health.record_error(error.message)
+            self._warn(str(error))
+            raise error from None
         self.health.record_success()
 
     def _append(self, data: bytes) -> None:
@@ -829,31 +836,28 @@ class Watcher:
 
     def _run(self) -> None:
         while not self._stopping.wait(self.interval):
-            self.poll()
+            self._poll()
 
-    def poll(self) -> int:
-        """One tick, as the thread does it; returns how many events it applied."""
+    def _poll(self) -> None:
         p = self._persister
         try:
             with p._lock:
                 if p._tail is None or self._stopping.is_set():
-                    return 0
+                    return
                 events = self._read_changes(p, p._tail)
         except (OSError, ValueError) as exc:
             self.errors += 1
             p._warn("watcher: %s" % exc)
-            return 0
+            return
         if not events:
-            return 0
+            return
         try:
             applied = self._apply_batch(events)
         except Exception as exc:  # the store's failure must not kill the thread
             self.errors += 1
             p._warn("watcher: apply_batch failed on %d events: %r" % (len(events), exc))
-            return 0
-        count = len(events) if applied is None else applied
-        self.applied += count
-        return count
+            return
+        self.applied += len(events) if applied is None else applied
 
     def _read_changes(self, p: DiskPersister, tail: _Tail) -> List[Event]:
         st = _stat_or_none(p.path)

@@ -279,8 +279,9 @@ def test_health_counts_every_outcome_across_threads():
 # --- the write path ------------------------------------------------------------------------
 
 
-def test_new_log_dirs_and_file_permissions_ignore_umask(tmp_path):
-    old = os.umask(0)
+@pytest.mark.parametrize("umask", [0, 0o277])
+def test_new_log_dirs_and_file_permissions_ignore_umask(tmp_path, umask):
+    old = os.umask(umask)
     try:
         path = str(tmp_path / "a" / "b" / "events.jsonl")
         mp.DiskPersister(path).close()
@@ -289,6 +290,29 @@ def test_new_log_dirs_and_file_permissions_ignore_umask(tmp_path):
     assert os.stat(str(tmp_path / "a")).st_mode & 0o777 == 0o700
     assert os.stat(str(tmp_path / "a" / "b")).st_mode & 0o777 == 0o700
     assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_creating_the_log_fsyncs_its_directory(tmp_path, monkeypatch):
+    synced = []
+    real = mp._fsync_dir
+    monkeypatch.setattr(mp, "_fsync_dir", lambda path: (real(path), synced.append(path)))
+    path = str(tmp_path / "new" / "events.jsonl")
+    mp.DiskPersister(path).close()
+    assert synced[-1] == str(tmp_path / "new")  # the file's own entry
+    assert str(tmp_path) in synced  # and the new directory's
+    synced.clear()
+    mp.DiskPersister(path).close()
+    assert synced == []  # opening an existing log creates nothing
+
+
+def test_a_symlinked_log_path_is_followed(tmp_path):
+    target = str(tmp_path / "real.jsonl")
+    link = str(tmp_path / "events.jsonl")
+    write(target, line(ev("a")))
+    os.symlink(target, link)
+    with mp.DiskPersister(link) as p:
+        p.persist(ev("b"))
+    assert os.path.islink(link) and read(target) == (line(ev("a")) + line(ev("b"))).encode()
 
 
 def test_persist_writes_the_rust_wire_format_byte_for_byte(log_path):
@@ -586,6 +610,23 @@ def test_overlong_lines_are_skipped_without_reading_them_whole(log_path):
     assert "longer than 100000 bytes" in logger.text() and "line too long" in logger.text()
 
 
+def test_replay_memory_follows_live_entities_not_file_size(log_path):
+    import tracemalloc
+    os.makedirs(os.path.dirname(log_path))
+    with open(log_path, "w") as f:
+        for i in range(100000):  # about 14 MB over 100 entities
+            f.write(line(ev("e%d" % (i % 100), n=i, pad="x" * 80)))
+    assert os.path.getsize(log_path) > 12000000
+    with mp.DiskPersister(log_path) as p:
+        tracemalloc.start()
+        try:
+            assert p.replay(lambda events: None) == 100
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 6000000, peak  # a chunk or two of lines, not the file
+
+
 def test_replay_propagates_a_store_failure(log_path):
     with mp.DiskPersister(log_path) as p:
         p.persist(ev("a"))
@@ -659,6 +700,21 @@ def test_watcher_with_threads_and_another_process_sees_each_foreign_event_once(w
     time.sleep(0.1)
     assert sorted(recorder.ids()) == sorted("ext%d" % i for i in range(200))
     assert len(replayed(path)) == 601
+
+
+def test_own_appends_need_no_bookkeeping_when_nothing_foreign_interleaves(log_path):
+    with mp.DiskPersister(log_path) as p:
+        p.replay(Recorder())
+        for i in range(500):  # no watcher yet: the bookkeeping must not grow per write
+            p.persist(ev("a%d" % i))
+        assert p._tail.own == [] and p._tail.pos == os.path.getsize(log_path)
+        write(log_path, line(ev("ext")))
+        p.persist(ev("b"))
+        assert len(p._tail.own) == 1  # only a write behind a foreign line is remembered
+        recorder = Recorder()
+        with p.start_watcher(recorder, interval=0.02):
+            assert wait_until(lambda: recorder.ids() == ["ext"])
+        assert p._tail.own == []
 
 
 def test_watcher_waits_for_a_half_written_line(watched):
@@ -735,6 +791,9 @@ def test_watcher_survives_a_failing_store_and_malformed_lines(watched):
     assert wait_until(lambda: recorder.ids() == ["ok"])
     assert watcher.malformed == 1 and watcher.is_alive()
     assert "apply_batch failed" in p._logger.text()
+    with pytest.raises(mp.PersistError):
+        p.persist(ev(""))
+    assert "refused an event" in p._logger.text()
     assert "skipped the line at byte" in p._logger.text()
 
 
