@@ -36,11 +36,12 @@ import threading
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover - never runs; for type checkers only
-    from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+    from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
     Event = Dict[str, Any]
     ApplyBatch = Callable[[List[Event]], Optional[int]]
     Key = Tuple[str, str]
+    T = TypeVar("T")
 
 __version__ = "0.1.0"
 
@@ -60,6 +61,7 @@ __all__ = [
 LOG_NAME = "events.jsonl"
 _CHUNK = 1 << 20
 _DEFAULT_MAX_LINE = 16 << 20
+_LATE_WRITER_SECONDS = 5.0  # how long a replaced log is watched for writers that do not lock
 _datasync = getattr(os, "fdatasync", os.fsync)
 
 
@@ -388,50 +390,41 @@ def _identity(st: os.stat_result) -> Tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-class _Tail:
-    """What the watcher has consumed of one file: up to ``pos``, whose last
-    line was ``last``; ``own`` lists ``(identity, start, end)`` of this
-    process's appends past ``pos``, which the watcher must not apply again."""
-
-    __slots__ = ("fd", "ident", "pos", "last", "own", "missing")
-
-    def __init__(self, fd: int, pos: int, last: bytes) -> None:
-        self.fd = fd
-        self.ident = _identity(os.fstat(fd))
-        self.pos = pos
-        self.last = last
-        self.own = []  # type: List[Tuple[Tuple[int, int], int, int]]
-        self.missing = False
-
-
 class DiskPersister:
     """The event log at ``path``: ``persist`` appends, ``replay`` restores,
-    ``start_watcher`` follows what other programs do to the file.
+    ``start_watcher`` follows what other programs do to the file, ``compact``
+    rewrites it to its live state.
 
-    Opening creates missing directories (0o700) and the file (0o600) and
-    repairs a torn last line.  With ``read_only=True`` nothing is created,
-    repaired, locked or written: the file must exist and ``persist`` raises.
-    Lines longer than ``max_line_bytes`` are skipped without being read whole.
-    One ``DiskPersister`` per file per process: POSIX locks do not serialize
-    two descriptors of one process.
+    Opening creates missing directories (0o700) and the file (0o600),
+    repairs a torn last line and removes temp files a killed compaction left.
+    With ``read_only=True`` nothing is created, repaired, locked or written:
+    the file must exist and ``persist`` raises.  Lines longer than
+    ``max_line_bytes`` are skipped without being read whole.  With
+    ``compact_ratio`` set, ``replay`` first compacts a log over 1 MiB that is
+    at least that many times larger than its live state.  One
+    ``DiskPersister`` per file per process: POSIX locks do not serialize two
+    descriptors of one process.
     """
 
     def __init__(self, path: str, *, logger: Any = None, read_only: bool = False,
-                 max_line_bytes: int = _DEFAULT_MAX_LINE) -> None:
+                 max_line_bytes: int = _DEFAULT_MAX_LINE, compact_ratio: Optional[float] = None) -> None:
         self.path = path
         self.health = PersistHealth()
         self.read_only = read_only
         self.max_line_bytes = max_line_bytes
+        self.compact_ratio = compact_ratio
         self._logger = logger
         self._lock = threading.Lock()
         self._tail = None  # type: Optional[_Tail]
         self._watcher = None  # type: Optional[Watcher]
+        self._replaced = []  # type: List[List[Any]]  # [fd, read up to, keep until]
         if read_only:
             self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))  # type: Optional[int]
         else:
             self._fd = self._open_or_create()
             try:
-                self._repair_torn_tail()
+                self._locked(self._repair_torn_tail)
+                self._remove_stale_temp_files()
             except BaseException:
                 os.close(self._fd)
                 raise
@@ -449,17 +442,28 @@ class DiskPersister:
         if watcher is not None:
             watcher.stop()
         with self._lock:
-            for fd in (self._fd, self._tail.fd if self._tail else None):
+            if self._replaced and self._fd is not None:
+                try:
+                    self._locked(_ignore)  # a last look for late writes to a replaced log
+                except OSError as exc:
+                    self._warn("could not check the replaced log for late writes: %s" % exc)
+            for fd in [self._fd, self._tail.fd if self._tail else None] + [r[0] for r in self._replaced]:
                 if fd is not None:
                     os.close(fd)
             self._fd = None
             self._tail = None
+            self._replaced = []
 
     def _warn(self, message: str) -> None:
         _say(self._logger, "warning", "[marshal-persist] %s: %s" % (self.path, message))
 
     def _info(self, message: str) -> None:
         _say(self._logger, "info", "[marshal-persist] %s: %s" % (self.path, message))
+
+    def _checked_fd(self) -> int:
+        if self._fd is None:
+            raise ValueError("I/O on a closed DiskPersister")
+        return self._fd
 
     def _open_or_create(self) -> int:
         _make_dirs(os.path.dirname(self.path))
@@ -472,6 +476,18 @@ class DiskPersister:
         _fsync_dir(os.path.dirname(self.path))
         return fd
 
+    def _remove_stale_temp_files(self) -> None:
+        """Remove ``<log>.<pid>.<thread>.tmp`` files whose process is gone."""
+        folder, name = os.path.split(self.path)
+        for entry in os.listdir(folder or "."):
+            parts = entry[len(name) + 1:].split(".")
+            if entry.startswith(name + ".") and len(parts) == 3 and parts[2] == "tmp" \
+                    and parts[0].isdigit() and not _process_exists(int(parts[0])):
+                os.unlink(os.path.join(folder, entry))
+                self._info("removed %s, left by a compaction that did not finish" % entry)
+
+    # --- the write path -------------------------------------------------------
+
     def _lockf(self, fd: int, how: str) -> None:
         """Lock or unlock the whole file against cooperating processes.
 
@@ -481,46 +497,86 @@ class DiskPersister:
             os.lseek(fd, 0, os.SEEK_SET)
             os.lockf(fd, os.F_LOCK if how == "lock" else os.F_ULOCK, 0)
 
-    def _repair_torn_tail(self) -> None:
-        """A last line without ``\\n``: terminate it if it is a whole event,
-        else move it to ``<log>.torn`` and cut it off, so nothing is glued."""
-        fd = self._checked_fd()
-        self._lockf(fd, "lock")
+    def _locked(self, action: Callable[[int, int], T]) -> T:
+        """``action(fd, size)`` under the ``lockf`` lock of the file the path
+        names now: reopened if it was replaced, recreated if it was deleted.
+        Call with ``self._lock`` held (or before any other thread can run)."""
+        while True:
+            fd = self._checked_fd()
+            self._lockf(fd, "lock")
+            st = _stat_or_none(self.path)
+            fst = os.fstat(fd)
+            if st is not None and _identity(st) == _identity(fst):
+                break
+            self._lockf(fd, "unlock")
+            new_fd = None
+            if st is None:
+                new_fd = self._write_live(_scan(fd, self.max_line_bytes, _ignore), clobber=False)
+            if new_fd is None:
+                try:
+                    new_fd = os.open(self.path, os.O_RDWR | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+                except FileNotFoundError:
+                    continue
+                self._info("the log was replaced; appending to the new file")
+            os.close(fd)
+            self._switch_to(new_fd)
         try:
-            size = os.fstat(fd).st_size
-            start = _after_last_newline(fd, size)
-            if start == size:
-                return
-            fragment = b""
-            if size - start <= self.max_line_bytes:
-                fragment = os.pread(fd, size - start, start)
-                if _parse_line(fragment)[0] is not None:
-                    _write_all(fd, b"\n")
-                    _datasync(fd)
-                    self._info("terminated the unfinished last line at byte %d" % start)
-                    return
-            torn_path = self.path + ".torn"
-            torn = os.open(torn_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.fchmod(torn, 0o600)
-                for chunk in _read_chunks(fd, start, size):
-                    _write_all(torn, chunk)
-                _write_all(torn, b"\n")
-                os.fsync(torn)
-            finally:
-                os.close(torn)
-            _fsync_dir(os.path.dirname(self.path))
-            os.ftruncate(fd, start)
-            os.fsync(fd)
-            self._warn("moved a torn last line (%d bytes at byte %d) to %s"
-                       % (size - start, start, torn_path))
+            if self._replaced:
+                self._carry_over(fd)
+                return action(fd, os.fstat(fd).st_size)
+            return action(fd, fst.st_size)
         finally:
             self._lockf(fd, "unlock")
+            if fd != self._fd:  # the action swapped in a new file (compaction)
+                os.close(fd)
 
-    def _checked_fd(self) -> int:
-        if self._fd is None:
-            raise ValueError("I/O on a closed DiskPersister")
-        return self._fd
+    def _switch_to(self, fd: int) -> None:
+        self._fd = fd
+        self._ident = _identity(os.fstat(fd))
+
+    def _write_live(self, scan: _Scan, clobber: bool) -> Optional[int]:
+        """Write the live lines of ``scan`` as a new file at the path, atomically
+        and durably: over the log (``clobber``, compaction) or where it was
+        deleted (None if another process recreated it first)."""
+        _make_dirs(os.path.dirname(self.path))
+        try:
+            fd = _write_durably(self.path, (line + b"\n" for line in scan.live.values()), clobber)
+        except FileExistsError:
+            return None
+        if not clobber:
+            self._warn("the log was deleted; recreated it with its %d live entities" % len(scan.live))
+        return fd
+
+    def _repair_torn_tail(self, fd: int, size: int) -> None:
+        """A last line without ``\\n``: terminate it if it is a whole event,
+        else move it to ``<log>.torn`` and cut it off, so nothing is glued."""
+        start = _after_last_newline(fd, size)
+        if start == size:
+            return
+        if size - start <= self.max_line_bytes and _parse_line(os.pread(fd, size - start, start))[0]:
+            _write_all(fd, b"\n")
+            _datasync(fd)
+            self._info("terminated the unfinished last line at byte %d" % start)
+            return
+        self._keep_in_torn_file(_read_chunks(fd, start, size))
+        os.ftruncate(fd, start)
+        os.fsync(fd)
+        self._warn("moved a torn last line (%d bytes at byte %d) to %s.torn"
+                   % (size - start, start, self.path))
+
+    def _keep_in_torn_file(self, chunks: Iterable[bytes]) -> None:
+        """Append bytes the log cannot use, and a ``\\n``, to ``<log>.torn``
+        (0o600), durably, so that nothing is thrown away silently."""
+        torn = os.open(self.path + ".torn", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.fchmod(torn, 0o600)
+            for chunk in chunks:
+                _write_all(torn, chunk)
+            _write_all(torn, b"\n")
+            os.fsync(torn)
+        finally:
+            os.close(torn)
+        _fsync_dir(os.path.dirname(self.path))
 
     def persist(self, event: Event) -> None:
         """Append ``event`` and return once it is durable; else raise PersistError.
@@ -534,7 +590,10 @@ class DiskPersister:
             self._warn("refused an event: %s" % exc)
             raise
         try:
-            self._append(data)
+            if self.read_only:
+                raise ValueError("the log was opened read-only")
+            with self._lock:
+                self._locked(lambda fd, size: self._append_locked(fd, size, data))
         except (OSError, ValueError) as exc:
             error = PersistError(event["itemType"], "write/fsync: %s" % exc)
             self.health.record_error(error.message)
@@ -542,74 +601,106 @@ class DiskPersister:
             raise error from None
         self.health.record_success()
 
-    def _append(self, data: bytes) -> None:
-        if self.read_only:
-            raise ValueError("the log was opened read-only")
-        with self._lock:
-            fd, size = self._lock_current_file()
-            try:
-                if size and os.pread(fd, 1, size - 1) != b"\n":
-                    data = b"\n" + data  # never glue onto a torn line
-                try:
-                    _write_all(fd, data)
-                    _datasync(fd)
-                except OSError:
-                    _cut_back(fd, size, data)
-                    raise
-                end = os.lseek(fd, 0, os.SEEK_CUR)
-                self._note_own_write(end - len(data), end, data)
-            finally:
-                self._lockf(fd, "unlock")
-
-    def _lock_current_file(self) -> Tuple[int, int]:
-        """Lock the file the path names now, reopening it if it was replaced
-        and recreating it if it was deleted; returns ``(fd, size)``."""
-        while True:
-            fd = self._checked_fd()
-            self._lockf(fd, "lock")
-            st = _stat_or_none(self.path)
-            fst = os.fstat(fd)
-            if st is not None and _identity(st) == _identity(fst):
-                return fd, fst.st_size
-            self._lockf(fd, "unlock")
-            new_fd = None
-            if st is None:
-                new_fd = self._recreate_from(fd)
-            if new_fd is None:
-                try:
-                    new_fd = os.open(self.path, os.O_RDWR | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
-                except FileNotFoundError:
-                    continue
-                self._info("the log was replaced; appending to the new file")
-            os.close(fd)
-            self._fd = new_fd
-            self._ident = _identity(os.fstat(new_fd))
-
-    def _recreate_from(self, old_fd: int) -> Optional[int]:
-        """The log was deleted: write the live state read from ``old_fd`` (its
-        last descriptor) to a new file at the path.  None if another process
-        recreated it first."""
-        scan = _scan(old_fd, self.max_line_bytes, _ignore)
-        lines = (line + b"\n" for line in scan.live.values())
-        _make_dirs(os.path.dirname(self.path))
+    def _append_locked(self, fd: int, size: int, data: bytes, own: bool = True) -> None:
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data  # never glue onto a torn line
         try:
-            fd = _write_durably(self.path, lines, clobber=False)
-        except FileExistsError:
-            return None
-        self._warn("the log was deleted; recreated it with its %d live entities" % len(scan.live))
-        return fd
-
-    def _note_own_write(self, start: int, end: int, data: bytes) -> None:
+            _write_all(fd, data)
+            _datasync(fd)
+        except OSError:
+            _cut_back(fd, size, data)
+            raise
+        end = os.lseek(fd, 0, os.SEEK_CUR)
         tail = self._tail
-        if tail is None:
+        if tail is None or not own:
             return
-        if tail.ident == self._ident and start == tail.pos and not tail.own:
-            tail.pos = end  # nothing foreign in between: consume it at once
+        if tail.ident == self._ident and end - len(data) == tail.pos and not tail.own:
+            tail.pos = end  # nothing foreign in between: consumed at once
             tail.last = data[data.rfind(b"\n", 0, len(data) - 1) + 1:]
         else:
-            tail.own.append((self._ident, start, end))
+            tail.own.append((self._ident, end - len(data), end))
 
-    # --- the read path: replay ---------------------------------------------
+    # --- compaction -------------------------------------------------------------
+
+    def compact(self) -> Dict[str, Any]:
+        """Rewrite the log to its live state, atomically; returns figures.
+
+        The live SET lines, as stored, in the file order of their last
+        occurrence, go to a temp file that replaces the log (the durable
+        rename recipe), so a crash leaves the old log or the new one.
+        Malformed lines are kept in ``<log>.torn``.  Both
+        locks are held throughout, so no ``DiskPersister`` appends to the old
+        file after it was read; lines appended meanwhile by writers that do
+        not lock are carried over.  This process's watcher goes on without a
+        reload; watchers elsewhere see a new file and reload it.
+        """
+        if self.read_only:
+            raise ValueError("the log was opened read-only")
+        started = os.times().elapsed
+        with self._lock:
+            scan = [_Scan()]
+
+            def rewrite(fd: int, size: int) -> None:
+                malformed = []  # type: List[bytes]
+
+                def keep(lineno: int, offset: int, reason: str) -> None:
+                    self._warn_line(lineno, offset, reason)
+                    line = next(iter(_Lines(fd, offset, self.max_line_bytes)))[1]
+                    malformed.append(line if line is not None else b"(a line too long to keep)")
+
+                scan[0] = _scan(fd, self.max_line_bytes, keep)
+                if malformed:
+                    self._keep_in_torn_file([b"\n".join(malformed)])
+                    self._warn("kept %d malformed lines in %s.torn" % (len(malformed), self.path))
+                self._compact_locked(fd, scan[0])
+
+            self._locked(rewrite)
+            size_after = os.fstat(self._checked_fd()).st_size
+        figures = {
+            "lines_before": scan[0].lines, "bytes_before": scan[0].end,
+            "lines_after": len(scan[0].live), "bytes_after": size_after,
+            "live": len(scan[0].live), "seconds": round(os.times().elapsed - started, 6),
+        }
+        self._info("compacted: %(lines_before)d lines, %(bytes_before)d bytes -> "
+                   "%(lines_after)d lines, %(bytes_after)d bytes" % figures)
+        return figures
+
+    def _compact_locked(self, old_fd: int, scan: _Scan) -> None:
+        tail = self._tail
+        follows = tail is not None and tail.ident == self._ident
+        if tail is not None and follows:
+            # The watcher must still apply what it had not read of the old file.
+            tail.read_appended(self.max_line_bytes, self._warn, stop=scan.end)
+        new_fd = self._write_live(scan, clobber=True)
+        assert new_fd is not None  # os.replace never finds the target in the way
+        live_end, last = _end_and_last_line(new_fd)
+        self._switch_to(new_fd)  # the old descriptor is closed once its lock is released
+        if tail is not None and follows:
+            self._set_tail(_Tail(os.dup(new_fd), live_end, last), tail.pending)
+        self._replaced.append([os.dup(old_fd), scan.end, os.times().elapsed + _LATE_WRITER_SECONDS])
+        self._carry_over(new_fd)
+
+    def _carry_over(self, fd: int) -> None:
+        """Copy lines appended to a log this process replaced, after it was
+        read, into the current log ``fd`` (locked).
+
+        A writer that does not lock (a shell ``>>``) may have opened the old
+        file just before the swap and write into it just after, so the old
+        file is checked again at every locked operation for a while."""
+        now = os.times().elapsed
+        for replaced in list(self._replaced):
+            old_fd, start, deadline = replaced
+            lines = _Lines(old_fd, start, self.max_line_bytes)
+            data = b"".join(line + b"\n" for _, line in lines if line is not None)
+            replaced[1] = lines.end
+            if data:  # foreign lines: the watcher must apply them, so not marked as own
+                self._append_locked(fd, os.fstat(fd).st_size, data, own=False)
+                self._info("carried %d bytes written to the replaced log over" % len(data))
+            if now > deadline:
+                os.close(old_fd)
+                self._replaced.remove(replaced)
+
+    # --- the read path: replay ------------------------------------------------
 
     def replay(self, apply_batch: ApplyBatch) -> int:
         """Restore the live state: the latest SET of every ``(itemType, id)``
@@ -623,6 +714,9 @@ class DiskPersister:
             fd = self._checked_fd()
             scan = _scan(fd, self.max_line_bytes, self._warn_line)
             self._set_tail(_Tail(os.dup(fd), scan.end, scan.last))
+        if self.compact_ratio is not None and not self.read_only and scan.end > 1 << 20 \
+                and scan.end >= self.compact_ratio * sum(len(line) + 1 for line in scan.live.values()):
+            self.compact()
         events = scan.events()
         self._info("replayed %d lines: %d malformed, %d live" % (scan.lines, scan.malformed, len(events)))
         applied = apply_batch(events)
@@ -631,10 +725,13 @@ class DiskPersister:
     def _warn_line(self, lineno: int, offset: int, reason: str) -> None:
         self._warn("skipped line %d (byte %d): %s" % (lineno, offset, reason))
 
-    def _set_tail(self, tail: _Tail) -> None:
+    def _set_tail(self, tail: _Tail, pending: Optional[List[Event]] = None) -> _Tail:
+        """Make ``tail`` the watcher's, keeping events read but not yet applied."""
         if self._tail is not None:
             os.close(self._tail.fd)
+        tail.pending = pending or []
         self._tail = tail
+        return tail
 
     def start_watcher(self, apply_batch: ApplyBatch, interval: float = 0.15) -> Watcher:
         """Follow the file from where ``replay`` ended (or from its current end)
@@ -644,11 +741,20 @@ class DiskPersister:
             if self._watcher is not None:
                 raise RuntimeError("a watcher is already running for %s" % self.path)
             if self._tail is None:
-                end = _after_last_newline(fd, os.fstat(fd).st_size)
-                self._set_tail(_Tail(os.dup(fd), end, _line_before(fd, end)))
+                self._set_tail(_Tail(os.dup(fd), *_end_and_last_line(fd)))
             self._watcher = Watcher(self, apply_batch, interval)
         self._watcher._thread.start()
         return self._watcher
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _ignore(*args: object) -> None:
@@ -678,22 +784,23 @@ def _read_chunks(fd: int, start: int, end: Optional[int] = None) -> Iterator[byt
 
 class _Lines:
     """Iterate ``(offset, line)`` over the complete lines of ``fd`` from
-    ``start``, each without its ``\\n``.  A line longer than ``max_line`` comes
+    ``start`` (to ``stop``, or to EOF), each without its ``\\n``.  A line longer than ``max_line`` comes
     as ``(offset, None)`` and is never held whole; an unfinished last line is
     not yielded.  ``end`` is always just past the last line yielded, so a
     caller knows exactly what it has consumed even while others append."""
 
-    def __init__(self, fd: int, start: int, max_line: int) -> None:
+    def __init__(self, fd: int, start: int, max_line: int, stop: Optional[int] = None) -> None:
         self.fd = fd
         self.end = start
         self.max_line = max_line
+        self.stop = stop
 
     def __iter__(self) -> Iterator[Tuple[int, Optional[bytes]]]:
         max_line = self.max_line
         offset = self.end  # where the pending line begins
         pending = []  # type: List[bytes]
         pending_size = 0
-        for chunk in _read_chunks(self.fd, offset):
+        for chunk in _read_chunks(self.fd, offset, self.stop):
             lines = chunk.split(b"\n")
             if len(lines) == 1:
                 pending_size += len(chunk)
@@ -728,20 +835,21 @@ def _after_last_newline(fd: int, end: int) -> int:
     return 0
 
 
-def _line_before(fd: int, end: int) -> bytes:
-    """The complete line that ends at ``end``, with its ``\\n``."""
-    if end == 0:
-        return b""
-    start = _after_last_newline(fd, end - 1)
-    return os.pread(fd, end - start, start)
+def _end_and_last_line(fd: int) -> Tuple[int, bytes]:
+    """Where the file's complete lines end, and the last of them with its ``\\n``."""
+    end = _after_last_newline(fd, os.fstat(fd).st_size)
+    start = _after_last_newline(fd, end - 1) if end else 0
+    return end, os.pread(fd, end - start, start)
 
 
 class _Scan:
     """A pass over a log: the live lines by key, in the file order of their
-    last occurrence; counts; and where the complete lines end."""
+    last occurrence; counts; and where the complete lines end.  With
+    ``deletions``, also the last line of every key whose last word is a DEL."""
 
-    def __init__(self) -> None:
+    def __init__(self, deletions: bool = False) -> None:
         self.live = {}  # type: Dict[Key, bytes]
+        self.deleted = {} if deletions else None  # type: Optional[Dict[Key, bytes]]
         self.lines = 0
         self.malformed = 0
         self.end = 0
@@ -753,16 +861,24 @@ class _Scan:
         self.live.pop(key, None)  # so that re-inserting moves the key to the end
         if event["changeType"] == "SET":
             self.live[key] = line  # a DEL forgets the key: memory follows live entities
+            if self.deleted is not None:
+                self.deleted.pop(key, None)
+        elif self.deleted is not None:
+            self.deleted[key] = line
 
     def events(self) -> List[Event]:
-        """The live events, parsed again and marked as restored."""
+        """The live events (then any deletions), parsed again and marked as restored."""
+        lines = list(self.live.values())
+        if self.deleted:
+            lines += self.deleted.values()
         return [_mark(_parse_line(line)[0], restored=True)  # type: ignore[arg-type]
-                for line in self.live.values()]
+                for line in lines]
 
 
-def _scan(fd: int, max_line: int, on_malformed: Callable[[int, int, str], None]) -> _Scan:
+def _scan(fd: int, max_line: int, on_malformed: Callable[[int, int, str], None],
+          deletions: bool = False) -> _Scan:
     """Stream the whole file once, deduplicating as it goes."""
-    scan = _Scan()
+    scan = _Scan(deletions)
     lines = _Lines(fd, 0, max_line)
     line = None  # type: Optional[bytes]
     for lineno, (offset, line) in enumerate(lines, 1):
@@ -783,6 +899,54 @@ def _scan(fd: int, max_line: int, on_malformed: Callable[[int, int, str], None])
     return scan
 
 
+class _Tail:
+    """How far the watcher has read one file: up to ``pos``, whose last line
+    was ``last``.  ``own`` lists ``(identity, start, end)`` of this process's
+    appends past ``pos``, which must not be applied again; ``pending`` holds
+    events read on the watcher's behalf (by a compaction) not yet applied."""
+
+    __slots__ = ("fd", "ident", "pos", "last", "own", "pending", "missing")
+
+    def __init__(self, fd: int, pos: int, last: bytes) -> None:
+        self.fd = fd
+        self.ident = _identity(os.fstat(fd))
+        self.pos = pos
+        self.last = last
+        self.own = []  # type: List[Tuple[Tuple[int, int], int, int]]
+        self.pending = []  # type: List[Event]
+        self.missing = False
+
+    def intact(self) -> bool:
+        """Whether the bytes before ``pos`` are still the last line read."""
+        size = len(self.last)
+        return not size or os.pread(self.fd, size, self.pos - size) == self.last
+
+    def read_appended(self, max_line: int, warn: Callable[[str], None], stop: Optional[int] = None) -> int:
+        """Add the foreign events of the complete lines past ``pos`` (up to
+        ``stop``) to ``pending``, in file order; returns how many lines were
+        malformed."""
+        own = [(start, end) for ident, start, end in self.own if ident == self.ident]
+        self.own = []  # every own append ends before the file's last complete line
+        malformed = 0
+        lines = _Lines(self.fd, self.pos, max_line, stop)
+        line = None  # type: Optional[bytes]
+        for offset, line in lines:
+            while own and own[0][1] <= offset:
+                del own[0]
+            if own and own[0][0] <= offset or line is not None and (not line or line.isspace()):
+                continue
+            event, reason = _parse_line(line) if line is not None else (None, "line too long")
+            if event is None:
+                malformed += 1
+                warn("skipped the line at byte %d: %s" % (offset, reason))
+            else:
+                self.pending.append(_mark(event, restored=False))
+        if lines.end != self.pos:
+            self.pos = lines.end
+            self.last = line + b"\n" if line is not None else b""
+        return malformed
+
+
 # --- the watcher ------------------------------------------------------------
 
 
@@ -793,8 +957,8 @@ class Watcher:
       file order (SETs and DELs, marked ``preventPersist``); this process's
       own appends are skipped; a half-written line waits for its end.
     * The file was replaced (new inode): the old file's unread lines are
-      applied, then the new file is reloaded from the top (replay rules;
-      entities missing from it are not deleted).
+      applied, then the new file is reloaded from the top: its live entities,
+      then the DELs it records (entities it does not mention are kept).
     * The file shrank or the last line read changed: reloaded from the top.
     * The file was deleted: recreated from the live state read through the
       still-open descriptor (a read-only persister waits for it to return).
@@ -844,6 +1008,8 @@ class Watcher:
             with p._lock:
                 if p._tail is None or self._stopping.is_set():
                     return
+                if p._replaced:
+                    p._locked(_ignore)  # carries late writes to a replaced log over
                 events = self._read_changes(p, p._tail)
         except (OSError, ValueError) as exc:
             self.errors += 1
@@ -862,65 +1028,46 @@ class Watcher:
     def _read_changes(self, p: DiskPersister, tail: _Tail) -> List[Event]:
         st = _stat_or_none(p.path)
         if st is not None and _identity(st) == tail.ident:
-            if st.st_size < tail.pos or not _ends_with(tail):
+            if st.st_size < tail.pos or not tail.intact():
                 p._warn("truncated or rewritten in place (was %d bytes, now %d); reloading"
                         % (tail.pos, st.st_size))
-                return self._reload(p, tail)
-            return self._read_appended(p, tail) if st.st_size > tail.pos else []
-        events = self._read_appended(p, tail)  # what the old file still had
+                self._reload(p, tail)
+            elif st.st_size > tail.pos:
+                self.malformed += tail.read_appended(p.max_line_bytes, p._warn)
+        else:
+            self.malformed += tail.read_appended(p.max_line_bytes, p._warn)  # the old file's rest
+            tail = self._follow_path(p, tail, st)
+        events, tail.pending = tail.pending, []
+        return events
+
+    def _follow_path(self, p: DiskPersister, tail: _Tail, st: Optional[os.stat_result]) -> _Tail:
+        """The path no longer names the file read so far: recreate a deleted
+        log, or reload the new file from the top; returns the tail to use."""
+        if st is None and p.read_only:
+            if not tail.missing:
+                p._warn("the log was deleted; waiting for it to come back")
+            tail.missing = True
+            return tail
         if st is None:
-            if p.read_only:
-                if not tail.missing:
-                    p._warn("the log was deleted; waiting for it to come back")
-                tail.missing = True
-                return events
-            new_fd = p._recreate_from(tail.fd)
-            if new_fd is not None:
-                size = os.fstat(new_fd).st_size
-                p._set_tail(_Tail(new_fd, size, _line_before(new_fd, size)))
-                return events
+            new_fd = p._write_live(_scan(tail.fd, p.max_line_bytes, _ignore), clobber=False)
+            if new_fd is not None:  # the store has all of it already: no reload
+                return p._set_tail(_Tail(new_fd, *_end_and_last_line(new_fd)), tail.pending)
         try:
             new_fd = os.open(p.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
-            return events  # gone again; the next tick sees to it
+            return tail  # gone again; the next tick sees to it
         p._warn("the log was replaced; reloading it from the top")
-        p._set_tail(_Tail(new_fd, 0, b""))
-        return events + self._reload(p, p._tail)  # type: ignore[arg-type]
+        new = p._set_tail(_Tail(new_fd, 0, b""), tail.pending)
+        self._reload(p, new)
+        return new
 
-    def _read_appended(self, p: DiskPersister, tail: _Tail) -> List[Event]:
-        own = [(start, end) for ident, start, end in tail.own if ident == tail.ident]
-        tail.own = []  # every own append ends before the file's last complete line
-        events = []
-        lines = _Lines(tail.fd, tail.pos, p.max_line_bytes)
-        line = None  # type: Optional[bytes]
-        for offset, line in lines:
-            while own and own[0][1] <= offset:
-                del own[0]
-            if own and own[0][0] <= offset or line is not None and (not line or line.isspace()):
-                continue
-            event, reason = _parse_line(line) if line is not None else (None, "line too long")
-            if event is None:
-                self.malformed += 1
-                p._warn("watcher: skipped the line at byte %d: %s" % (offset, reason))
-            else:
-                events.append(_mark(event, restored=False))
-        if lines.end != tail.pos:
-            tail.pos = lines.end
-            tail.last = line + b"\n" if line is not None else b""
-        return events
-
-    def _reload(self, p: DiskPersister, tail: _Tail) -> List[Event]:
+    def _reload(self, p: DiskPersister, tail: _Tail) -> None:
         self.reloads += 1
-        scan = _scan(tail.fd, p.max_line_bytes, p._warn_line)
+        # Deletions too: a DEL that landed before the reload would otherwise be missed.
+        scan = _scan(tail.fd, p.max_line_bytes, p._warn_line, deletions=True)
         self.malformed += scan.malformed
         tail.pos, tail.last, tail.own, tail.missing = scan.end, scan.last, [], False
-        return scan.events()
-
-
-def _ends_with(tail: _Tail) -> bool:
-    """Whether the bytes before ``tail.pos`` are still the last line read."""
-    size = len(tail.last)
-    return not size or os.pread(tail.fd, size, tail.pos - size) == tail.last
+        tail.pending += scan.events()
 
 
 # --- MemoryStore --------------------------------------------------------------
@@ -1067,18 +1214,35 @@ def _cli_follow(args: Any, out: Any, err: Any) -> int:
     return 0
 
 
+def _cli_compact(args: Any, out: Any, err: Any) -> int:
+    if args.dry_run:
+        scan, _ = _read_log(args.path, _ignore)
+        out.write("%s: would compact %d lines, %d bytes -> %d lines, %d bytes (dry run: nothing changed)\n"
+                  % (args.path, scan.lines, scan.end, len(scan.live),
+                     sum(len(line) + 1 for line in scan.live.values())))
+        return 0
+    os.close(_open_for_reading(args.path))  # never create the log it was asked to compact
+    with DiskPersister(args.path, logger=_StreamLogger(err)) as persister:
+        figures = persister.compact()
+    out.write("%s: %d lines, %d bytes -> %d lines, %d bytes in %.3f s\n" % (
+        args.path, figures["lines_before"], figures["bytes_before"], figures["lines_after"],
+        figures["bytes_after"], figures["seconds"]))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """The command line: ``marshal-persist replay|check|follow [PATH]``.
+    """The command line: ``marshal-persist replay|check|follow|compact [PATH]``.
 
     Returns the exit status: 0 done (``check``: clean), 1 ``check`` found
-    problems, 2 the log could not be read."""
+    problems, 2 the log could not be read (or compacted)."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(
         prog="marshal-persist",
-        description="Inspect a marshal events.jsonl log. These commands only read: they never "
-                    "create, repair or lock the file. PATH defaults to %s." % default_log_path())
+        description="Inspect or compact a marshal events.jsonl log. replay, check and follow only "
+                    "read: they never create, repair or lock the file. PATH defaults to %s."
+                    % default_log_path())
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
@@ -1098,20 +1262,29 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "every live entity again after a replacement or truncation) until Ctrl-C.")
     follow.add_argument("--interval", type=float, default=0.15, metavar="SECONDS",
                         help="how often to poll the file (default: 0.15)")
-    for sub in (replay, check, follow):
-        sub.add_argument("path", nargs="?", metavar="PATH", help="the log to read")
+    compact = commands.add_parser(
+        "compact", help="rewrite the log to its live state",
+        description="Rewrite the log to its live entities and print lines and bytes before and "
+                    "after. Atomic: a crash leaves the old log or the new one. Safe against any "
+                    "DiskPersister and any appender that writes whole lines; stop a program that "
+                    "holds the file open without locking it (such as the Rust marshal-daemon) first.")
+    compact.add_argument("--dry-run", action="store_true",
+                         help="print what it would do and change nothing")
+    for sub in (replay, check, follow, compact):
+        sub.add_argument("path", nargs="?", metavar="PATH", help="the log")
     for sub in (replay, follow):
         sub.add_argument("--type", metavar="T", help="only entities whose itemType is T")
     args = parser.parse_args(argv)
     args.path = args.path or default_log_path()
-    run = {"replay": _cli_replay, "check": _cli_check, "follow": _cli_follow}[args.command]
+    run = {"replay": _cli_replay, "check": _cli_check, "follow": _cli_follow,
+           "compact": _cli_compact}[args.command]
     try:
         return run(args, sys.stdout, sys.stderr)
     except BrokenPipeError:  # a reader such as `head` went away: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as exc:
-        sys.stderr.write("marshal-persist: cannot read %s: %s\n" % (args.path, exc.strerror or exc))
+        sys.stderr.write("marshal-persist: %s: %s\n" % (args.path, exc.strerror or exc))
         return 2
     except KeyboardInterrupt:
         return 130

@@ -166,7 +166,7 @@ def test_public_names_are_listed_and_documented():
         assert name in readme, name
     for public in ("persist", "replay", "start_watcher", "close", "health", "apply_batch",
                    "items", "get", "stop", "is_alive", "as_dict", "max_line_bytes", "read_only",
-                   "--type", "--summary", "--interval"):
+                   "compact", "compact_ratio", "--dry-run", "--type", "--summary", "--interval"):
         assert public in readme, public
 
 
@@ -736,13 +736,15 @@ def test_watcher_reloads_a_replaced_log_after_reading_the_old_one(watched, tmp_p
         write(prepared, line(ev("n1")) + line(ev("n2")) + line(ev("n1", "DEL")))
         os.rename(prepared, path)
     assert wait_until(lambda: watcher.reloads == 1 and "n2" in recorder.ids())
-    assert recorder.ids() == ["late-in-old", "n2"]
+    # the new file's survivors, then the deletions it records (seed, absent from it, stays)
+    assert [(e["item"]["id"], e["changeType"]) for e in recorder.events()] == [
+        ("late-in-old", "SET"), ("n2", "SET"), ("n1", "DEL")]
     assert recorder.events()[1]["options"]["preventRelationshipUpdates"] is True
     p.persist(ev("own-after"))
     write(path, line(ev("ext-after")))
     assert wait_until(lambda: "ext-after" in recorder.ids())
     time.sleep(0.1)
-    assert recorder.ids() == ["late-in-old", "n2", "ext-after"]
+    assert recorder.ids() == ["late-in-old", "n2", "n1", "ext-after"]
     assert read(path).endswith(line(ev("own-after")).encode() + line(ev("ext-after")).encode())
 
 
@@ -908,13 +910,13 @@ def test_cli_check(log_path):
 
 
 @pytest.mark.parametrize("target", ["missing", "directory", "under-a-file"])
-@pytest.mark.parametrize("command", ["replay", "check", "follow"])
+@pytest.mark.parametrize("command", ["replay", "check", "follow", "compact"])
 def test_cli_bad_paths_exit_2_without_traceback(tmp_path, command, target):
     path = {"missing": str(tmp_path / "nope.jsonl"), "directory": str(tmp_path),
             "under-a-file": os.path.join(EXAMPLE, "x")}[target]
     out = run_cli(command, path)
     assert out.returncode == 2
-    assert out.stderr.startswith("marshal-persist: cannot read") and "Traceback" not in out.stderr
+    assert out.stderr.startswith("marshal-persist: %s: " % path) and "Traceback" not in out.stderr
     assert len(out.stderr.splitlines()) == 1
     assert not os.path.exists(str(tmp_path / "nope.jsonl"))
 
@@ -962,3 +964,235 @@ def test_readme_examples_run(tmp_path):
         assert out.returncode == 0, out.stderr
     assert set(replayed(str(tmp_path / "state" / "events.jsonl"))) == {("Session", "s-1"),
                                                                       ("Session", "s-2")}
+
+
+# --- compaction ----------------------------------------------------------------------------
+
+
+def history(path, entities=40, updates=6):
+    """A log with updates, deletions, a malformed line and option flags."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for round_ in range(updates):
+            for i in range(entities):
+                kind = "Message" if i % 3 else "Session"
+                if round_ == updates - 1 and i % 7 == 0:
+                    f.write(line(ev("e%d" % i, "DEL", kind=kind)))
+                else:
+                    f.write(line(ev("e%d" % i, kind=kind, round=round_, pad="p" * (i * 5))))
+            f.write("not json, typed by hand\n" if round_ == 2 else "")
+        f.write(RUST_LINES[2] + "\n")
+
+
+def all_replayed_events(path):
+    recorder = Recorder()
+    with mp.DiskPersister(path) as p:
+        p.replay(recorder)
+    return recorder.events()
+
+
+def test_compaction_keeps_exactly_the_live_state(log_path):
+    history(log_path)
+    before = all_replayed_events(log_path)
+    size_before = os.path.getsize(log_path)
+    with mp.DiskPersister(log_path) as p:
+        figures = p.compact()
+    assert all_replayed_events(log_path) == before
+    expected_lines = []
+    for text in read(log_path).decode().splitlines():
+        expected_lines.append(json.loads(text))
+    assert [e["item"]["id"] for e in expected_lines] == [e["item"]["id"] for e in before]
+    assert "preventRelationshipUpdates\":true" not in read(log_path).decode()  # replay-only marks
+    assert read(log_path).decode().endswith(RUST_LINES[2] + "\n")  # original content, as stored
+    assert figures["lines_before"] == 40 * 6 + 2 and figures["bytes_before"] == size_before
+    assert figures["lines_after"] == figures["live"] == len(before)
+    assert figures["bytes_after"] == os.path.getsize(log_path) < size_before
+    assert figures["seconds"] >= 0
+    assert os.stat(log_path).st_mode & 0o777 == 0o600
+    assert read(log_path + ".torn") == b"not json, typed by hand\n"
+    assert sorted(os.listdir(os.path.dirname(log_path))) == ["events.jsonl", "events.jsonl.torn"]
+
+
+def test_compaction_with_live_writers_in_other_processes_and_a_shell_appender(log_path):
+    history(log_path)
+    writer = (
+        "import sys, marshal_persist as mp\n"
+        "p = mp.DiskPersister(sys.argv[1])\n"
+        "for i in range(400):\n"
+        "    p.persist({'item': {'id': '%s-%d' % (sys.argv[2], i % 25), 'n': i},"
+        " 'changeType': 'SET', 'itemType': 'T'})\n"
+        "    print(i, flush=True)\n"
+    )
+    shell = ('for i in $(seq 0 299); do echo "{\\"item\\":{\\"id\\":\\"sh-$i\\"},\\"changeType\\":'
+             '\\"SET\\",\\"itemType\\":\\"T\\"}" >> "$1"; echo $i; done')
+    procs = [subprocess.Popen([sys.executable, "-c", writer, log_path, name], cwd=HERE,
+                              stdout=subprocess.PIPE, text=True) for name in ("w1", "w2")]
+    procs.append(subprocess.Popen(["bash", "-c", shell, "bash", log_path], stdout=subprocess.PIPE,
+                                  text=True))
+    compactions = 0
+    with mp.DiskPersister(log_path) as p:
+        while any(proc.poll() is None for proc in procs) or compactions < 3:
+            p.compact()
+            compactions += 1
+            time.sleep(0.01)
+    acked = [proc.communicate(timeout=60)[0].split() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0]
+    assert [len(a) for a in acked] == [400, 400, 300]
+    state = replayed(log_path)
+    for name, numbers in zip(("w1", "w2"), acked[:2]):
+        for n in range(375, 400):  # the last value each writer acknowledged per key
+            assert state[("T", "%s-%d" % (name, n % 25))]["n"] == n
+    assert {("T", "sh-%s" % i) for i in acked[2]} <= set(state)
+    assert compactions >= 3
+
+
+def test_this_process_watcher_does_not_reload_its_own_compaction(log_path):
+    history(log_path)
+    with mp.DiskPersister(log_path) as p:
+        store = mp.MemoryStore()
+        p.replay(store.apply_batch)
+        with p.start_watcher(store.apply_batch, interval=0.02) as watcher:
+            with p._lock:  # the foreign line lands just before compaction reads the file
+                write(log_path, line(ev("ext-before", kind="T")))
+            p.compact()
+            write(log_path, line(ev("ext-after", kind="T")))
+            p.persist(ev("own-after", kind="T"))
+            assert wait_until(lambda: store.get("T", "ext-after") is not None)
+            assert store.get("T", "ext-before") == {"id": "ext-before"}
+            assert watcher.reloads == 0 and watcher.applied == 2
+        store.apply_batch([ev("own-after", kind="T")])
+        fresh = mp.MemoryStore()
+        p.replay(fresh.apply_batch)
+    assert sorted(map(str, store.items())) == sorted(map(str, fresh.items()))
+
+
+def test_a_watcher_in_another_process_stays_equal_to_a_fresh_replay(log_path):
+    history(log_path)
+    follower = (
+        "import sys, json, marshal_persist as mp\n"
+        "store = mp.MemoryStore()\n"
+        "p = mp.DiskPersister(sys.argv[1])\n"
+        "p.replay(store.apply_batch)\n"
+        "p.start_watcher(store.apply_batch, interval=0.02)\n"
+        "print('ready', flush=True)\n"
+        "for _ in sys.stdin:\n"
+        "    print(json.dumps(sorted(map(json.dumps, store.items()))), flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", follower, log_path], cwd=HERE,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        with mp.DiskPersister(log_path) as p:
+            p.persist(ev("before-compaction", kind="T"))
+            p.compact()
+            p.persist(ev("after-compaction", kind="T"))
+            p.persist(ev("e1", "DEL", kind="Message"))
+        write(log_path, line(ev("shell-after", kind="T")))
+
+        def follower_state():
+            proc.stdin.write("dump\n")
+            proc.stdin.flush()
+            return json.loads(proc.stdout.readline())
+
+        expected = sorted(json.dumps(item) for item in replayed(log_path).values())
+        # e1 was deleted after the reload the compaction caused; the follower saw the DEL.
+        assert wait_until(lambda: follower_state() == expected)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+KILLER = r"""
+import os, signal, sys
+import marshal_persist as mp
+
+path, kill_at = sys.argv[1], int(sys.argv[2])
+p = mp.DiskPersister(path)
+calls = [0]
+
+def counted(name, real):
+    def call(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return call
+
+for name in ("open", "close", "pread", "write", "fsync", "fdatasync", "fstat", "stat", "lseek",
+             "lockf", "replace", "link", "unlink", "ftruncate", "fchmod"):
+    setattr(os, name, counted(name, getattr(os, name)))
+mp._datasync = os.fdatasync
+p.compact()
+sys.stdout.write("%d\n" % calls[0])
+"""
+
+
+def test_compaction_killed_at_every_step_leaves_the_same_state(tmp_path):
+    original = str(tmp_path / "original.jsonl")
+    history(original, entities=30, updates=4)
+    state = all_replayed_events(original)
+    # a run that is never killed counts the os calls one compaction makes
+    os.makedirs(str(tmp_path / "count"))
+    count_path = str(tmp_path / "count" / "events.jsonl")
+    write(count_path, read(original), "w")
+    total = subprocess.run([sys.executable, "-c", KILLER, count_path, "0"], cwd=HERE,
+                           capture_output=True, text=True, timeout=30)
+    steps = int(total.stdout)
+    assert steps >= 20, steps
+    assert all_replayed_events(count_path) == state
+    for kill_at in range(1, steps + 1):
+        folder = tmp_path / ("kill%d" % kill_at)
+        folder.mkdir()
+        path = str(folder / "events.jsonl")
+        write(path, read(original), "w")
+        proc = subprocess.run([sys.executable, "-c", KILLER, path, str(kill_at)], cwd=HERE,
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == -signal.SIGKILL, (kill_at, proc.stderr)
+        assert all_replayed_events(path) == state, kill_at
+        assert [n for n in os.listdir(str(folder)) if n.endswith(".tmp")] == []  # removed on open
+
+
+def test_replay_compacts_first_when_the_ratio_is_reached(log_path):
+    history(log_path, entities=50, updates=150)  # about 1.5 MiB, live state under 1%
+    size = os.path.getsize(log_path)
+    assert size > 1 << 20
+    logger = ListLogger()
+    with mp.DiskPersister(log_path, compact_ratio=4.0, logger=logger) as p:
+        recorder = Recorder()
+        p.replay(recorder)
+    assert os.path.getsize(log_path) < size / 4 and "compacted" in logger.text()
+    assert all_replayed_events(log_path) == recorder.events()
+    small = str(os.path.dirname(log_path) + "/small.jsonl")
+    history(small, entities=10, updates=20)
+    small_size = os.path.getsize(small)
+    with mp.DiskPersister(small, compact_ratio=1.0) as p:
+        p.replay(Recorder())
+    assert os.path.getsize(small) == small_size  # under 1 MiB: left alone
+
+
+def test_stale_temp_files_are_removed_on_open_but_live_ones_kept(log_path):
+    os.makedirs(os.path.dirname(log_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = "%s.%s.1.tmp" % (log_path, dead)
+    alive = "%s.%d.1.tmp" % (log_path, os.getpid())
+    unrelated = log_path + ".backup.tmp"
+    for name in (stale, alive, unrelated):
+        write(name, "x\n")
+    logger = ListLogger()
+    mp.DiskPersister(log_path, logger=logger).close()
+    assert not os.path.exists(stale) and os.path.exists(alive) and os.path.exists(unrelated)
+    assert "did not finish" in logger.text()
+
+
+def test_cli_compact_and_dry_run(log_path):
+    history(log_path)
+    content = read(log_path)
+    dry = run_cli("compact", "--dry-run", log_path)
+    assert dry.returncode == 0 and "would compact 242 lines" in dry.stdout
+    assert read(log_path) == content and not os.path.exists(log_path + ".torn")
+    before = all_replayed_events(log_path)
+    done = run_cli("compact", log_path)
+    assert done.returncode == 0
+    assert "%s: 242 lines, %d bytes -> %d lines" % (log_path, len(content), len(before)) in done.stdout
+    assert all_replayed_events(log_path) == before
