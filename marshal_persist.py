@@ -390,6 +390,19 @@ def _identity(st: os.stat_result) -> Tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+class _Queued:
+    """One ``persist`` call's encoded lines, waiting in the group-commit queue."""
+
+    __slots__ = ("data", "wake", "done", "error")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.done = False
+        self.error = None  # type: Optional[BaseException]
+
+
 class DiskPersister:
     """The event log at ``path``: ``persist`` appends, ``replay`` restores,
     ``start_watcher`` follows what other programs do to the file, ``compact``
@@ -414,10 +427,13 @@ class DiskPersister:
         self.max_line_bytes = max_line_bytes
         self.compact_ratio = compact_ratio
         self._logger = logger
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the file, its descriptors and the watcher's tail
+        self._queue_lock = threading.Lock()  # the group-commit queue only
+        self._queue = []  # type: List[_Queued]
         self._tail = None  # type: Optional[_Tail]
         self._watcher = None  # type: Optional[Watcher]
         self._replaced = []  # type: List[List[Any]]  # [fd, read up to, keep until]
+        self._end = -1  # where this process's last write ended (skips the never-glue read)
         if read_only:
             self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))  # type: Optional[int]
         else:
@@ -492,9 +508,11 @@ class DiskPersister:
         """Lock or unlock the whole file against cooperating processes.
 
         ``lockf`` counts from the current offset, which an O_APPEND write
-        moves; seeking to 0 first makes lock and unlock name one range."""
+        moves: unlocking seeks back to 0 first, so lock and unlock name one
+        range, and every descriptor is at offset 0 whenever it is unlocked."""
         if hasattr(os, "lockf"):
-            os.lseek(fd, 0, os.SEEK_SET)
+            if how == "unlock":
+                os.lseek(fd, 0, os.SEEK_SET)
             os.lockf(fd, os.F_LOCK if how == "lock" else os.F_ULOCK, 0)
 
     def _locked(self, action: Callable[[int, int], T]) -> T:
@@ -531,7 +549,9 @@ class DiskPersister:
                 os.close(fd)
 
     def _switch_to(self, fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)  # a new file's writes left it at its end
         self._fd = fd
+        self._end = -1
         self._ident = _identity(os.fstat(fd))
 
     def _write_live(self, scan: _Scan, clobber: bool) -> Optional[int]:
@@ -581,36 +601,106 @@ class DiskPersister:
     def persist(self, event: Event) -> None:
         """Append ``event`` and return once it is durable; else raise PersistError.
 
-        An invalid event is refused before anything is written."""
-        self.health.record_enqueue()
+        An invalid event is refused before anything is written.  Concurrent
+        calls share one write and one fsync (group commit)."""
+        self._commit([event])
+
+    def persist_batch(self, events: Iterable[Event]) -> None:
+        """Append ``events`` with one write and one fsync, in order, and return
+        once all are durable.  If any is invalid, none is written."""
+        self._commit(list(events))
+
+    def _commit(self, events: List[Event]) -> None:
+        for _ in events:
+            self.health.record_enqueue()
         try:
-            data = _encode_event(event)
+            data = b"".join([_encode_event(event) for event in events])  # outside every lock
         except PersistError as exc:
-            self.health.record_dropped(exc.message)
+            for _ in events:
+                self.health.record_dropped(exc.message)
             self._warn("refused an event: %s" % exc)
             raise
+        if not events:
+            return
+        error = self._write_in_group(data)
+        if error is not None:
+            failure = PersistError(events[0]["itemType"], "write/fsync: %s" % error)
+            for _ in events:
+                self.health.record_error(failure.message)
+            self._warn(str(failure))
+            raise failure
+        for _ in events:
+            self.health.record_success()
+
+    def _write_in_group(self, data: bytes) -> Optional[BaseException]:
+        """Group commit: queue ``data``; the writer at the head of the queue
+        leads, writing everything queued with one write and one fsync while
+        later writers queue behind it, then wakes exactly the writers it
+        covered, and the next leader.  Returns the error of this write, if any.
+        """
+        mine = _Queued(data)
+        with self._queue_lock:
+            self._queue.append(mine)
+            leads = len(self._queue) == 1
+        if not leads:
+            mine.wake.acquire()  # released once: covered by a leader, or made the leader
+            if mine.done:
+                return mine.error
+        group = [mine]
+
+        def write_group(fd: int, size: int) -> Tuple[int, int, bytes]:
+            with self._queue_lock:
+                group[:] = self._queue  # at the last moment, so late arrivals join in
+            return self._write_locked(fd, size, b"".join([queued.data for queued in group]))
+
+        error = None  # type: Optional[BaseException]
         try:
             if self.read_only:
                 raise ValueError("the log was opened read-only")
             with self._lock:
-                self._locked(lambda fd, size: self._append_locked(fd, size, data))
+                self._sync_written(*self._locked(write_group))
         except (OSError, ValueError) as exc:
-            error = PersistError(event["itemType"], "write/fsync: %s" % exc)
-            self.health.record_error(error.message)
-            self._warn(str(error))
-            raise error from None
-        self.health.record_success()
+            error = exc
+        except BaseException as exc:  # even then, the writers behind must not wait forever
+            error = exc
+            raise
+        finally:
+            with self._queue_lock:
+                del self._queue[:len(group)]
+                next_leader = self._queue[0] if self._queue else None
+            if next_leader is not None:
+                next_leader.wake.release()  # first, so the next fsync starts sooner
+            for queued in group[1:]:
+                queued.error, queued.done = error, True
+                queued.wake.release()
+        return error
 
-    def _append_locked(self, fd: int, size: int, data: bytes, own: bool = True) -> None:
-        if size and os.pread(fd, 1, size - 1) != b"\n":
+    def _write_locked(self, fd: int, size: int, data: bytes) -> Tuple[int, int, bytes]:
+        """Append ``data`` to the locked ``fd`` of ``size`` bytes; returns
+        ``(fd, end, data)``, ``data`` as written, for ``_sync_written``."""
+        if size and size != self._end and os.pread(fd, 1, size - 1) != b"\n":
             data = b"\n" + data  # never glue onto a torn line
         try:
             _write_all(fd, data)
-            _datasync(fd)
         except OSError:
             _cut_back(fd, size, data)
             raise
-        end = os.lseek(fd, 0, os.SEEK_CUR)
+        return fd, os.lseek(fd, 0, os.SEEK_CUR), data
+
+    def _sync_written(self, fd: int, end: int, data: bytes, own: bool = True) -> None:
+        """fdatasync what ``_write_locked`` wrote; on failure cut it back off.
+
+        The sync needs no ``lockf``: other processes may write meanwhile."""
+        try:
+            _datasync(fd)
+        except OSError:
+            self._lockf(fd, "lock")
+            try:
+                _cut_back(fd, end - len(data), data)
+            finally:
+                self._lockf(fd, "unlock")
+            raise
+        self._end = end  # the file ends with our newline while its size is this
         tail = self._tail
         if tail is None or not own:
             return
@@ -694,7 +784,7 @@ class DiskPersister:
             data = b"".join(line + b"\n" for _, line in lines if line is not None)
             replaced[1] = lines.end
             if data:  # foreign lines: the watcher must apply them, so not marked as own
-                self._append_locked(fd, os.fstat(fd).st_size, data, own=False)
+                self._sync_written(*self._write_locked(fd, os.fstat(fd).st_size, data), own=False)
                 self._info("carried %d bytes written to the replaced log over" % len(data))
             if now > deadline:
                 os.close(old_fd)

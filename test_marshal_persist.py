@@ -164,7 +164,7 @@ def test_public_names_are_listed_and_documented():
     readme = read(os.path.join(HERE, "README.md")).decode("utf-8")
     for name in expected:
         assert name in readme, name
-    for public in ("persist", "replay", "start_watcher", "close", "health", "apply_batch",
+    for public in ("persist", "persist_batch", "replay", "start_watcher", "close", "health", "apply_batch",
                    "items", "get", "stop", "is_alive", "as_dict", "max_line_bytes", "read_only",
                    "compact", "compact_ratio", "--dry-run", "--type", "--summary", "--interval"):
         assert public in readme, public
@@ -393,6 +393,97 @@ def test_failed_write_leaves_no_partial_record_and_recovers(log_path, monkeypatc
         p.persist(ev("after"))
         assert p.health.healthy
     assert set(replayed(log_path)) == {("Session", "before"), ("Session", "after")}
+
+
+def count_syncs(monkeypatch):
+    """Count real fdatasync calls (each still syncs)."""
+    calls = []
+    real = mp._datasync
+    monkeypatch.setattr(mp, "_datasync", lambda fd: (real(fd), calls.append(fd)))
+    return calls
+
+
+def test_concurrent_persists_share_syncs_and_keep_each_threads_order(log_path, monkeypatch):
+    syncs = count_syncs(monkeypatch)
+    with mp.DiskPersister(log_path) as p:
+        start = threading.Barrier(8)
+
+        def work(n):
+            start.wait()
+            for i in range(60):
+                p.persist(ev("t%d-%d" % (n, i), kind="T", n=n, i=i))
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert p.health.as_dict()["total_persisted"] == 480 and p.health.queued == 0
+        assert p._queue == []
+    events = [json.loads(text) for text in read(log_path).splitlines()]
+    assert len(events) == 480 and len({(e["item"]["n"], e["item"]["i"]) for e in events}) == 480
+    for n in range(8):
+        assert [e["item"]["i"] for e in events if e["item"]["n"] == n] == list(range(60))
+    assert len(syncs) < 480  # writers that queued behind a leader shared its fsync
+
+
+def test_a_failed_group_fails_every_writer_in_it_and_leaves_nothing(log_path, monkeypatch):
+    with mp.DiskPersister(log_path) as p:
+        p.persist(ev("before"))
+        real_sync = mp._datasync
+        entered, release = threading.Event(), threading.Event()
+
+        def slow_failing_sync(fd):
+            entered.set()
+            release.wait(5)  # hold the leader so that the others queue behind it
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(mp, "_datasync", slow_failing_sync)
+        errors = []
+
+        def write(name):
+            try:
+                p.persist(ev(name))
+            except mp.PersistError as exc:
+                errors.append((name, exc.message))
+
+        leader = threading.Thread(target=write, args=("leader",))
+        leader.start()
+        assert entered.wait(5)
+        followers = [threading.Thread(target=write, args=("f%d" % i,)) for i in range(5)]
+        for t in followers:
+            t.start()
+        assert wait_until(lambda: len(p._queue) == 6)
+        release.set()
+        leader.join(10)
+        for t in followers:  # they formed the next group, which failed the same way
+            t.join(10)
+        assert sorted(name for name, _ in errors) == sorted(["leader"] + ["f%d" % i for i in range(5)])
+        assert all("Input/output error" in message for _, message in errors)
+        assert read(log_path) == line(ev("before")).encode()
+        health = p.health.as_dict()
+        assert health["total_errors"] == 6 and health["queued"] == 0 and not health["healthy"]
+        monkeypatch.setattr(mp, "_datasync", real_sync)
+        p.persist(ev("after"))
+        assert p._queue == []
+    assert set(replayed(log_path)) == {("Session", "before"), ("Session", "after")}
+
+
+def test_persist_batch_is_one_write_and_one_sync(log_path, monkeypatch):
+    syncs = count_syncs(monkeypatch)
+    writes = []
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: (writes.append(len(data)), real_write(fd, data))[1])
+    batch = [ev("b%d" % i, v=i) for i in range(100)]
+    with mp.DiskPersister(log_path) as p:
+        p.persist_batch(batch)
+        assert len(syncs) == 1 and len(writes) == 1
+        assert p.health.total_persisted == 100 and p.health.queued == 0
+        with pytest.raises(mp.PersistError, match="item.id"):
+            p.persist_batch([ev("ok1"), ev(""), ev("ok2")])
+        assert p.health.total_dropped == 3 and p.health.queued == 0
+        p.persist_batch([])
+    assert read(log_path) == "".join(line(e) for e in batch).encode()
 
 
 def test_short_writes_are_continued(log_path, monkeypatch):
@@ -688,7 +779,10 @@ def test_watcher_with_threads_and_another_process_sees_each_foreign_event_once(w
 
     def own(n):
         for i in range(100):
-            p.persist(ev("own%d-%d" % (n, i), kind="T"))
+            if n == 3 and i % 10 == 0:
+                p.persist_batch([ev("own%d-%d" % (n, i + k), kind="T") for k in range(10)])
+            elif n != 3:
+                p.persist(ev("own%d-%d" % (n, i), kind="T"))
 
     threads = [threading.Thread(target=own, args=(n,)) for n in range(4)]
     for t in threads:
