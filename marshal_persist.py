@@ -391,12 +391,14 @@ def _identity(st: os.stat_result) -> Tuple[int, int]:
 
 
 class _Queued:
-    """One ``persist`` call's encoded lines, waiting in the group-commit queue."""
+    """One ``persist`` call's encoded lines, waiting in the group-commit queue;
+    ``lines`` lists ``(key, is_set, line)`` of each."""
 
-    __slots__ = ("data", "wake", "done", "error")
+    __slots__ = ("data", "lines", "wake", "done", "error")
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, lines: List[Tuple[Key, bool, bytes]]) -> None:
         self.data = data
+        self.lines = lines
         self.wake = threading.Lock()
         self.wake.acquire()
         self.done = False
@@ -614,7 +616,7 @@ class DiskPersister:
         for _ in events:
             self.health.record_enqueue()
         try:
-            data = b"".join([_encode_event(event) for event in events])  # outside every lock
+            lines = [_encode_event(event) for event in events]  # outside every lock
         except PersistError as exc:
             for _ in events:
                 self.health.record_dropped(exc.message)
@@ -622,7 +624,8 @@ class DiskPersister:
             raise
         if not events:
             return
-        error = self._write_in_group(data)
+        keyed = [(_key(event), event["changeType"] == "SET", line) for event, line in zip(events, lines)]
+        error = self._write_in_group(_Queued(b"".join(lines), keyed))
         if error is not None:
             failure = PersistError(events[0]["itemType"], "write/fsync: %s" % error)
             for _ in events:
@@ -632,13 +635,12 @@ class DiskPersister:
         for _ in events:
             self.health.record_success()
 
-    def _write_in_group(self, data: bytes) -> Optional[BaseException]:
+    def _write_in_group(self, mine: _Queued) -> Optional[BaseException]:
         """Group commit: queue ``data``; the writer at the head of the queue
         leads, writing everything queued with one write and one fsync while
         later writers queue behind it, then wakes exactly the writers it
         covered, and the next leader.  Returns the error of this write, if any.
         """
-        mine = _Queued(data)
         with self._queue_lock:
             self._queue.append(mine)
             leads = len(self._queue) == 1
@@ -659,6 +661,9 @@ class DiskPersister:
                 raise ValueError("the log was opened read-only")
             with self._lock:
                 self._sync_written(*self._locked(write_group))
+                if self._tail is not None:
+                    for queued in group:
+                        self._tail.learn(queued.lines)
         except (OSError, ValueError) as exc:
             error = exc
         except BaseException as exc:  # even then, the writers behind must not wait forever
@@ -766,7 +771,7 @@ class DiskPersister:
         live_end, last = _end_and_last_line(new_fd)
         self._switch_to(new_fd)  # the old descriptor is closed once its lock is released
         if tail is not None and follows:
-            self._set_tail(_Tail(os.dup(new_fd), live_end, last), tail.pending)
+            self._set_tail(_Tail(os.dup(new_fd), live_end, last))
         self._replaced.append([os.dup(old_fd), scan.end, os.times().elapsed + _LATE_WRITER_SECONDS])
         self._carry_over(new_fd)
 
@@ -803,7 +808,7 @@ class DiskPersister:
         with self._lock:
             fd = self._checked_fd()
             scan = _scan(fd, self.max_line_bytes, self._warn_line)
-            self._set_tail(_Tail(os.dup(fd), scan.end, scan.last))
+            self._set_tail(_Tail(os.dup(fd), scan.end, scan.last), inherit=False).known = scan.live
         if self.compact_ratio is not None and not self.read_only and scan.end > 1 << 20 \
                 and scan.end >= self.compact_ratio * sum(len(line) + 1 for line in scan.live.values()):
             self.compact()
@@ -815,11 +820,14 @@ class DiskPersister:
     def _warn_line(self, lineno: int, offset: int, reason: str) -> None:
         self._warn("skipped line %d (byte %d): %s" % (lineno, offset, reason))
 
-    def _set_tail(self, tail: _Tail, pending: Optional[List[Event]] = None) -> _Tail:
-        """Make ``tail`` the watcher's, keeping events read but not yet applied."""
-        if self._tail is not None:
-            os.close(self._tail.fd)
-        tail.pending = pending or []
+    def _set_tail(self, tail: _Tail, inherit: bool = True) -> _Tail:
+        """Make ``tail`` the watcher's; it ``inherit``s the events read but not
+        yet applied, and the live lines known, of the one it replaces."""
+        old = self._tail
+        if old is not None:
+            os.close(old.fd)
+            if inherit:
+                tail.pending, tail.known = old.pending, old.known
         self._tail = tail
         return tail
 
@@ -993,9 +1001,12 @@ class _Tail:
     """How far the watcher has read one file: up to ``pos``, whose last line
     was ``last``.  ``own`` lists ``(identity, start, end)`` of this process's
     appends past ``pos``, which must not be applied again; ``pending`` holds
-    events read on the watcher's behalf (by a compaction) not yet applied."""
+    events read on the watcher's behalf (by a compaction) not yet applied.
+    ``known`` is the live line of every entity this process has replayed,
+    written or read since, in the order of their last occurrence: what a
+    log that lost them is given back."""
 
-    __slots__ = ("fd", "ident", "pos", "last", "own", "pending", "missing")
+    __slots__ = ("fd", "ident", "pos", "last", "own", "pending", "known", "missing")
 
     def __init__(self, fd: int, pos: int, last: bytes) -> None:
         self.fd = fd
@@ -1004,7 +1015,16 @@ class _Tail:
         self.last = last
         self.own = []  # type: List[Tuple[Tuple[int, int], int, int]]
         self.pending = []  # type: List[Event]
+        self.known = {}  # type: Dict[Key, bytes]
         self.missing = False
+
+    def learn(self, lines: Iterable[Tuple[Key, bool, bytes]]) -> None:
+        """Record ``(key, is_set, line)`` as the latest word on each key."""
+        known = self.known
+        for key, is_set, line in lines:
+            known.pop(key, None)
+            if is_set:
+                known[key] = line.rstrip(b"\n")
 
     def intact(self) -> bool:
         """Whether the bytes before ``pos`` are still the last line read."""
@@ -1030,6 +1050,7 @@ class _Tail:
                 malformed += 1
                 warn("skipped the line at byte %d: %s" % (offset, reason))
             else:
+                self.learn([(_key(event), event["changeType"] == "SET", line)])  # type: ignore[list-item]
                 self.pending.append(_mark(event, restored=False))
         if lines.end != self.pos:
             self.pos = lines.end
@@ -1050,6 +1071,9 @@ class Watcher:
       applied, then the new file is reloaded from the top: its live entities,
       then the DELs it records (entities it does not mention are kept).
     * The file shrank or the last line read changed: reloaded from the top.
+    * After a reload, the live entities this process knows that the file no
+      longer mentions are appended back to it, so the log agrees with the
+      store and a restart loses nothing (not by a read-only persister).
     * The file was deleted: recreated from the live state read through the
       still-open descriptor (a read-only persister waits for it to return).
 
@@ -1141,13 +1165,13 @@ class Watcher:
         if st is None:
             new_fd = p._write_live(_scan(tail.fd, p.max_line_bytes, _ignore), clobber=False)
             if new_fd is not None:  # the store has all of it already: no reload
-                return p._set_tail(_Tail(new_fd, *_end_and_last_line(new_fd)), tail.pending)
+                return p._set_tail(_Tail(new_fd, *_end_and_last_line(new_fd)))
         try:
             new_fd = os.open(p.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             return tail  # gone again; the next tick sees to it
         p._warn("the log was replaced; reloading it from the top")
-        new = p._set_tail(_Tail(new_fd, 0, b""), tail.pending)
+        new = p._set_tail(_Tail(new_fd, 0, b""))
         self._reload(p, new)
         return new
 
@@ -1158,6 +1182,16 @@ class Watcher:
         self.malformed += scan.malformed
         tail.pos, tail.last, tail.own, tail.missing = scan.end, scan.last, [], False
         tail.pending += scan.events()
+        lost = [(key, line) for key, line in tail.known.items()
+                if key not in scan.live and key not in scan.deleted]  # type: ignore[operator]
+        tail.known = dict(scan.live)
+        if lost and not p.read_only:
+            # The store keeps what the file no longer has (as the Rust does); so
+            # that a restart agrees with it and loses nothing, the log gets it back.
+            data = b"".join(line + b"\n" for _, line in lost)
+            p._sync_written(*p._locked(lambda fd, size: p._write_locked(fd, size, data)))
+            tail.known.update(lost)
+            p._warn("gave the log back %d live entities it no longer had" % len(lost))
 
 
 # --- MemoryStore --------------------------------------------------------------

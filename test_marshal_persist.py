@@ -8,6 +8,7 @@ import ast
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -1290,3 +1291,74 @@ def test_cli_compact_and_dry_run(log_path):
     assert done.returncode == 0
     assert "%s: 242 lines, %d bytes -> %d lines" % (log_path, len(content), len(before)) in done.stdout
     assert all_replayed_events(log_path) == before
+
+
+# --- real outside programs against a live watcher -----------------------------------------------
+
+
+def snapshot(store):
+    return {(kind, item["id"]): item for kind in ("Session", "T") for item in store.items(kind)}
+
+
+def replayed_read_only(path):
+    store = mp.MemoryStore()
+    with mp.DiskPersister(path, read_only=True) as p:
+        p.replay(store.apply_batch)
+    return snapshot(store)
+
+
+def logrotate(tmp_path, path, mode):
+    config = tmp_path / "logrotate.conf"
+    config.write_text("%s {\n    %s\n    rotate 2\n    nocompress\n    missingok\n}\n" % (path, mode))
+    subprocess.run(["logrotate", "-f", "-s", str(tmp_path / "logrotate.state"), str(config)],
+                   check=True, timeout=30)
+
+
+OUTSIDE = {
+    "logrotate copytruncate": lambda tmp_path, path: logrotate(tmp_path, path, "copytruncate"),
+    "logrotate create": lambda tmp_path, path: logrotate(tmp_path, path, "create"),
+    "sed -i": lambda tmp_path, path: subprocess.run(
+        ["sed", "-i", 's/"v":1}/"v":100}/', path], check=True),
+    "mv of a prepared file": lambda tmp_path, path: subprocess.run(
+        ["bash", "-c", 'grep -v own-1 "$1" > "$1.new"; echo \'%s\' >> "$1.new"; mv "$1.new" "$1"'
+         % json.dumps(ev("prepared", kind="T"), separators=(",", ":")), "bash", path], check=True),
+    "truncate -s 0": lambda tmp_path, path: subprocess.run(["truncate", "-s", "0", path], check=True),
+    "cat >> of megabytes": lambda tmp_path, path: subprocess.run(
+        ["bash", "-c", 'cat "$1" >> "$2"', "bash", str(tmp_path / "big.jsonl"), path], check=True),
+    "rm": lambda tmp_path, path: os.unlink(path),
+}
+
+
+@pytest.mark.parametrize("program", sorted(OUTSIDE))
+def test_outside_programs_leave_the_store_equal_to_a_fresh_replay(tmp_path, program):
+    if program.startswith("logrotate") and shutil.which("logrotate") is None:
+        pytest.skip("logrotate is not installed (.ci/run installs it)")
+    path = str(tmp_path / "state" / "events.jsonl")
+    with open(str(tmp_path / "big.jsonl"), "w") as f:  # about 4 MB of foreign events
+        for i in range(20000):
+            f.write(line(ev("big-%d" % (i % 3000), kind="T", i=i, pad="b" * 150)))
+    acknowledged = {}
+    store = mp.MemoryStore()
+    with mp.DiskPersister(path) as p:
+        p.replay(store.apply_batch)
+        with p.start_watcher(store.apply_batch, interval=0.02) as watcher:
+            for i in range(30):  # the application's own events, applied to its store by itself
+                event = ev("own-%d" % (i % 20), kind="T", v=i % 3)
+                p.persist(event)
+                store.apply_batch([event])
+                acknowledged[("T", event["item"]["id"])] = event["item"]
+            write(path, "".join(line(ev("ext-%d" % i, v=1)) for i in range(10)))
+            assert wait_until(lambda: len(store) == 30)
+            OUTSIDE[program](tmp_path, path)
+            assert wait_until(lambda: os.path.exists(path) and snapshot(store) == replayed_read_only(path),
+                              timeout=10), program
+            event = ev("after", kind="T")
+            p.persist(event)  # the writer follows the change too
+            store.apply_batch([event])
+            assert wait_until(lambda: snapshot(store) == replayed_read_only(path))
+            assert watcher.errors == 0 and watcher.is_alive()
+    state = replayed_read_only(path)
+    for key in acknowledged:  # even those the program took off the disk: they were given back
+        assert key in state, (program, key)
+    if program == "cat >> of megabytes":
+        assert len(state) == 30 + 3000 + 1
