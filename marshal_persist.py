@@ -280,8 +280,15 @@ def _reject_constant(name: str) -> Any:
     raise ValueError("%s is not JSON (the Rust reader rejects it)" % name)
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number out of range (the Rust reader rejects it)")
+    return value
+
+
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 _OPTION_FLAGS = ("preventRelationshipUpdates", "preventPersist")
 
 
@@ -336,7 +343,7 @@ def _parse_line(line: bytes) -> Tuple[Optional[Event], str]:
         return None, "invalid UTF-8"
     except RecursionError:
         return None, "nesting too deep"
-    except ValueError as exc:  # JSONDecodeError, NaN, over-long integers
+    except ValueError as exc:  # JSONDecodeError, NaN, 1e400, over-long integers
         return None, "not JSON: %s" % exc
     problem = _event_problem(event)
     if problem is not None:

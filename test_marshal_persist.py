@@ -8,6 +8,7 @@ import ast
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -1362,3 +1363,209 @@ def test_outside_programs_leave_the_store_equal_to_a_fresh_replay(tmp_path, prog
         assert key in state, (program, key)
     if program == "cat >> of megabytes":
         assert len(state) == 30 + 3000 + 1
+
+
+# --- fault injection ------------------------------------------------------------------------------
+
+FSIZE_CHILD = r"""
+import json, os, resource, signal, sys
+import marshal_persist as mp
+
+path = sys.argv[1]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so that writing past the limit fails with EFBIG
+p = mp.DiskPersister(path)
+p.persist({"item": {"id": "before"}, "changeType": "SET", "itemType": "T"})
+size = os.path.getsize(path)
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+writes = []
+real_write = os.write
+os.write = lambda fd, data: writes.append(len(data)) or real_write(fd, data)
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, hard))
+try:
+    p.persist({"item": {"id": "too-big", "pad": "x" * 300}, "changeType": "SET", "itemType": "T"})
+    outcome = "reported durable"
+except mp.PersistError as exc:
+    outcome = exc.message
+after_fault = os.path.getsize(path)
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+p.persist({"item": {"id": "after"}, "changeType": "SET", "itemType": "T"})
+print(json.dumps({"outcome": outcome, "writes": writes, "size": size, "after_fault": after_fault,
+                  "health": p.health.as_dict()}))
+"""
+
+
+def test_a_real_short_write_and_efbig_leave_no_partial_record(log_path):
+    os.makedirs(os.path.dirname(log_path))
+    out = subprocess.run([sys.executable, "-c", FSIZE_CHILD, log_path], cwd=HERE,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert "File too large" in result["outcome"]
+    record = len(line(ev("too-big", kind="T", pad="x" * 300)))
+    # a short write of 100 bytes, EFBIG on the rest, then the write after the fault
+    assert result["writes"] == [record, record - 100, len(line(ev("after", kind="T")))]
+    assert result["after_fault"] == result["size"]  # the partial record was cut off again
+    assert result["health"]["total_errors"] == 1 and result["health"]["queued"] == 0
+    assert result["health"]["healthy"]  # the write after the fault succeeded
+    assert read(log_path) == (line(ev("before", kind="T")) + line(ev("after", kind="T"))).encode()
+
+
+def test_a_failed_rename_during_compaction_changes_nothing(log_path, monkeypatch):
+    history(log_path)
+    content, inode = read(log_path), os.stat(log_path).st_ino
+    before = all_replayed_events(log_path)
+    with mp.DiskPersister(log_path) as p:
+        real_replace = os.replace
+
+        def failing_replace(src, dst):
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(os, "replace", failing_replace)
+        with pytest.raises(OSError):
+            p.compact()
+        assert read(log_path) == content and os.stat(log_path).st_ino == inode
+        assert sorted(os.listdir(os.path.dirname(log_path))) == ["events.jsonl", "events.jsonl.torn"]
+        p.persist(ev("during", kind="T"))  # the writer is unharmed
+        monkeypatch.setattr(os, "replace", real_replace)
+        p.compact()
+    assert all_replayed_events(log_path) == [e for e in before] + [
+        mp._mark(dict(ev("during", kind="T")), restored=True)]
+
+
+def test_a_failing_stat_is_a_persist_error_and_passes(log_path, monkeypatch):
+    with mp.DiskPersister(log_path) as p:
+        p.persist(ev("a"))
+        real_stat = os.stat
+
+        def failing_stat(path, *args, **kwargs):
+            if path == log_path:
+                raise OSError(5, "Input/output error")
+            return real_stat(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "stat", failing_stat)
+        with pytest.raises(mp.PersistError, match="Input/output error"):
+            p.persist(ev("b"))
+        assert p.health.consecutive_errors == 1
+        monkeypatch.setattr(os, "stat", real_stat)
+        p.persist(ev("c"))
+        assert p.health.healthy
+    assert read(log_path) == (line(ev("a")) + line(ev("c"))).encode()
+
+
+# --- hostile input --------------------------------------------------------------------------------
+
+
+def hostile_line(rng, huge_lines):
+    """One fuzzed line, without its newline, and the event it must yield (None: malformed;
+    "blank": skipped without being counted)."""
+    kind = rng.choice(["Session", "Message"])
+    valid = {"item": {"id": "k%d" % rng.randrange(12), "v": rng.randrange(1000),
+                      "s": rng.choice(["", "héllo", "雪", 'new\nline "quoted"', "tab\t"])},
+             "changeType": rng.choice(["SET", "SET", "DEL"]), "itemType": kind}
+    text = json.dumps(valid, separators=(",", ":"), ensure_ascii=rng.random() < 0.5).encode()
+    case = rng.randrange(20)
+    if case < 7:
+        return text, valid
+    if case == 7:
+        junk = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 60))).replace(b"\n", b"")
+        return junk, ("blank" if not junk or junk.isspace() else None)
+    if case == 8:
+        return text[:rng.randrange(1, len(text))], None
+    if case == 9:
+        bad = json.loads(text)
+        field, value = rng.choice([("changeType", "set"), ("itemType", 7), ("item", ["x"]),
+                                   ("changeType", None), ("options", "yes"), ("tx", 1)])
+        bad[field] = value
+        return json.dumps(bad).encode(), None
+    if case == 10:
+        bad = json.loads(text)
+        bad["item"]["id"] = rng.choice([None, "", 12, ["k1"], {"id": "k1"}])
+        if rng.random() < 0.3:
+            del bad["item"]["id"]
+        return json.dumps(bad).encode(), None
+    if case == 11:
+        at = rng.randrange(len(text))
+        return text[:at] + b"\x00" + text[at:], None
+    if case == 12:
+        at = text.index(b'"k') + 1
+        return text[:at] + rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80"]) + text[at:], None
+    if case == 13:
+        return b"\xef\xbb\xbf" + text, None
+    if case == 14:
+        return text + b"\r", valid  # CRLF
+    if case == 15:
+        depth = rng.choice([50, 5000, 100000])
+        deep = text[:-1] + b',"deep":' + b"[" * depth + b"]" * depth + b"}"
+        return deep, (dict(valid, deep=json.loads(b"[" * 50 + b"]" * 50)) if depth == 50 else None)
+    if case == 16:
+        if rng.random() < 0.5:
+            return text[:-1] + b',"n":1e400}', None
+        big = dict(valid, n=10 ** 30)
+        return json.dumps(big, separators=(",", ":")).encode(), big
+    if case == 17:  # duplicate keys: the last one wins, as in serde_json's maps
+        other = dict(valid, item={"id": "dup", "v": 1})
+        return text[:-1] + b',"item":{"id":"dup","v":1}}', other
+    if case == 18 and huge_lines:
+        return b'{"item":{"id":"huge","blob":"' + b"h" * (10 << 20) + b'"},"changeType":"SET","itemType":"T"}', None
+    return b"   \t ", "blank"
+
+
+def expected_state(events):
+    live = {}
+    for event in events:
+        key = (event["itemType"], event["item"]["id"])
+        live.pop(key, None)
+        if event["changeType"] == "SET":
+            live[key] = event["item"]
+    return list(live.items())
+
+
+def test_fuzzed_logs_never_break_replay(tmp_path):
+    rng = random.Random(20261128)
+    counts = {"logs": 0, "lines": 0, "malformed": 0}
+    for n in range(2000):
+        huge = n % 400 == 0
+        lines = [hostile_line(rng, huge) for _ in range(rng.randrange(1, 25))]
+        body = b"\n".join(text for text, _ in lines)
+        terminated = rng.random() < 0.8
+        path = str(tmp_path / ("log%d.jsonl" % n))
+        write(path, body + (b"\n" if terminated else b""), "w")
+        if not terminated:  # the last line is torn: a whole event is kept, anything else set aside
+            if not isinstance(lines[-1][1], dict):
+                lines = lines[:-1]
+        valid = [e for _, e in lines if isinstance(e, dict)]
+        malformed = sum(1 for _, e in lines if e is None)
+        logger, recorder = ListLogger(), Recorder()
+        with mp.DiskPersister(path, logger=logger, max_line_bytes=(1 << 20) if huge else 16 << 20) as p:
+            p.replay(recorder)
+        got = [((e["itemType"], e["item"]["id"]), e["item"]) for e in recorder.events()]
+        assert got == expected_state(valid), n
+        assert sum("skipped line" in m for _, m in logger.messages) == malformed, n
+        counts["logs"] += 1
+        counts["lines"] += len(lines)
+        counts["malformed"] += malformed
+    assert counts["logs"] == 2000 and counts["malformed"] > 5000
+
+
+def test_fuzzed_appends_never_break_the_watcher(tmp_path):
+    rng = random.Random(1128)
+    for n in range(150):
+        lines = [hostile_line(rng, False) for _ in range(rng.randrange(1, 25))]
+        body = b"".join(text + b"\n" for text, _ in lines)
+        path = str(tmp_path / ("w%d.jsonl" % n))
+        with mp.DiskPersister(path, logger=ListLogger()) as p:
+            recorder = Recorder()
+            p.replay(recorder)
+            with p.start_watcher(recorder, interval=0.002) as watcher:
+                at = 0
+                while at < len(body):  # in pieces that split lines anywhere
+                    step = rng.randrange(1, 400)
+                    write(path, body[at:at + step])
+                    at += step
+                assert wait_until(lambda: p._tail.pos == len(body))
+                time.sleep(0.01)
+                valid = [e for _, e in lines if isinstance(e, dict)]
+                got = [(e["itemType"], e["changeType"], e["item"]) for e in recorder.events()]
+                assert got == [(e["itemType"], e["changeType"], e["item"]) for e in valid], n
+                assert watcher.malformed == sum(1 for _, e in lines if e is None), n
+                assert watcher.errors == 0
