@@ -63,6 +63,7 @@ _CHUNK = 1 << 20
 _DEFAULT_MAX_LINE = 16 << 20
 _LATE_WRITER_SECONDS = 5.0  # how long a replaced log is watched for writers that do not lock
 _datasync = getattr(os, "fdatasync", os.fsync)
+_APPEND = os.O_RDWR | os.O_APPEND  # descriptors are not inherited by children (PEP 446)
 
 
 # --- errors and health ------------------------------------------------------
@@ -243,8 +244,7 @@ def _write_durably(path: str, chunks: Iterable[bytes], clobber: bool) -> int:
     Returns a read/append descriptor of the new file.
     """
     tmp = "%s.%d.%d.tmp" % (path, os.getpid(), threading.get_ident())
-    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(tmp, flags, 0o600)
+    fd = os.open(tmp, _APPEND | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.fchmod(fd, 0o600)
         pending = []  # type: List[bytes]
@@ -285,6 +285,24 @@ def _finite_float(text: str) -> float:
     if value in (float("inf"), float("-inf")):
         raise ValueError("number out of range (the Rust reader rejects it)")
     return value
+
+
+_MAX_DEPTH = 127  # serde_json's recursion limit: the Rust reader rejects deeper JSON
+
+
+def _too_deep(line: bytes, value: Any) -> bool:
+    """Whether ``value`` (parsed from or encoded as ``line``) nests deeper than
+    the Rust reader allows; counting brackets first keeps the common case cheap."""
+    if line.count(b"{") + line.count(b"[") <= _MAX_DEPTH:
+        return False
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            return True
+        children = node.values() if type(node) is dict else node if type(node) is list else ()
+        stack.extend((child, depth + 1) for child in children if type(child) in (dict, list))
+    return False
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -328,9 +346,13 @@ def _encode_event(event: Any) -> bytes:
     problem = _event_problem(event)
     if problem is None:
         try:
-            return (_ENCODER.encode(event) + "\n").encode("utf-8")
+            line = (_ENCODER.encode(event) + "\n").encode("utf-8")
         except (TypeError, ValueError, RecursionError) as exc:
             problem = "not serializable as JSON: %s" % exc
+        else:
+            if not _too_deep(line, event):
+                return line
+            problem = "nesting too deep: more than %d levels (the Rust reader's limit)" % _MAX_DEPTH
     entity_type = event.get("itemType") if isinstance(event, dict) else None
     raise PersistError(entity_type if isinstance(entity_type, str) else "<unknown>", problem)
 
@@ -348,6 +370,8 @@ def _parse_line(line: bytes) -> Tuple[Optional[Event], str]:
     problem = _event_problem(event)
     if problem is not None:
         return None, problem
+    if _too_deep(line, event):
+        return None, "nesting too deep: more than %d levels (the Rust reader's limit)" % _MAX_DEPTH
     return event, ""
 
 
@@ -444,7 +468,7 @@ class DiskPersister:
         self._replaced = []  # type: List[List[Any]]  # [fd, read up to, keep until]
         self._end = -1  # where this process's last write ended (skips the never-glue read)
         if read_only:
-            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))  # type: Optional[int]
+            self._fd = os.open(path, os.O_RDONLY)  # type: Optional[int]
         else:
             self._fd = self._open_or_create()
             try:
@@ -492,11 +516,10 @@ class DiskPersister:
 
     def _open_or_create(self) -> int:
         _make_dirs(os.path.dirname(self.path))
-        flags = os.O_RDWR | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(self.path, _APPEND | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
-            return os.open(self.path, flags)
+            return os.open(self.path, _APPEND)
         os.fchmod(fd, 0o600)
         _fsync_dir(os.path.dirname(self.path))
         return fd
@@ -541,7 +564,7 @@ class DiskPersister:
                 new_fd = self._write_live(_scan(fd, self.max_line_bytes, _ignore), clobber=False)
             if new_fd is None:
                 try:
-                    new_fd = os.open(self.path, os.O_RDWR | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+                    new_fd = os.open(self.path, _APPEND)
                 except FileNotFoundError:
                     continue
                 self._info("the log was replaced; appending to the new file")
@@ -643,7 +666,7 @@ class DiskPersister:
             self.health.record_success()
 
     def _write_in_group(self, mine: _Queued) -> Optional[BaseException]:
-        """Group commit: queue ``data``; the writer at the head of the queue
+        """Group commit: queue ``mine``; the writer at the head of the queue
         leads, writing everything queued with one write and one fsync while
         later writers queue behind it, then wakes exactly the writers it
         covered, and the next leader.  Returns the error of this write, if any.
@@ -730,10 +753,10 @@ class DiskPersister:
         The live SET lines, as stored, in the file order of their last
         occurrence, go to a temp file that replaces the log (the durable
         rename recipe), so a crash leaves the old log or the new one.
-        Malformed lines are kept in ``<log>.torn``.  Both
-        locks are held throughout, so no ``DiskPersister`` appends to the old
-        file after it was read; lines appended meanwhile by writers that do
-        not lock are carried over.  This process's watcher goes on without a
+        Malformed lines are kept in ``<log>.torn``.  Both locks are held
+        throughout, so no ``DiskPersister`` appends to the old file after it
+        was read; lines appended meanwhile by writers that do not lock are
+        carried over.  This process's watcher goes on without a
         reload; watchers elsewhere see a new file and reload it.
         """
         if self.read_only:
@@ -815,7 +838,8 @@ class DiskPersister:
         with self._lock:
             fd = self._checked_fd()
             scan = _scan(fd, self.max_line_bytes, self._warn_line)
-            self._set_tail(_Tail(os.dup(fd), scan.end, scan.last), inherit=False).known = scan.live
+            # A copy: persists in other threads update the tail's while this builds the events.
+            self._set_tail(_Tail(os.dup(fd), scan.end, scan.last), inherit=False).known = dict(scan.live)
         if self.compact_ratio is not None and not self.read_only and scan.end > 1 << 20 \
                 and scan.end >= self.compact_ratio * sum(len(line) + 1 for line in scan.live.values()):
             self.compact()
@@ -1174,7 +1198,7 @@ class Watcher:
             if new_fd is not None:  # the store has all of it already: no reload
                 return p._set_tail(_Tail(new_fd, *_end_and_last_line(new_fd)))
         try:
-            new_fd = os.open(p.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            new_fd = os.open(p.path, os.O_RDONLY)
         except FileNotFoundError:
             return tail  # gone again; the next tick sees to it
         p._warn("the log was replaced; reloading it from the top")
@@ -1259,7 +1283,7 @@ class _StreamLogger:
 
 def _open_for_reading(path: str) -> int:
     """A read-only descriptor of the log; OSError with a clear strerror otherwise."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fd = os.open(path, os.O_RDONLY)
     if os.path.isdir(path):
         os.close(fd)
         raise IsADirectoryError(21, "is a directory, not a log file")

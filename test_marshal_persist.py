@@ -686,6 +686,24 @@ def test_replay_skips_and_counts_every_kind_of_malformed_line(log_path):
     assert "invalid UTF-8" in logger.text() and "nesting too deep" in logger.text()
 
 
+def nested(depth):
+    """An event whose JSON nests ``depth`` levels, the event object itself being the first."""
+    return ev("deep", payload=json.loads("[" * (depth - 2) + "]" * (depth - 2)))
+
+
+def test_nesting_follows_the_rust_readers_limit_on_every_python(log_path):
+    os.makedirs(os.path.dirname(log_path))
+    write(log_path, line(nested(127)) + line(nested(128)).replace('"deep"', '"deeper"'))
+    logger, recorder = ListLogger(), Recorder()
+    with mp.DiskPersister(log_path, logger=logger) as p:
+        p.replay(recorder)
+        assert recorder.ids() == ["deep"]
+        assert "line 2" in logger.text() and "more than 127 levels" in logger.text()
+        p.persist(nested(127))
+        with pytest.raises(mp.PersistError, match="more than 127 levels"):
+            p.persist(nested(128))
+
+
 def test_overlong_lines_are_skipped_without_reading_them_whole(log_path):
     os.makedirs(os.path.dirname(log_path))
     huge = line(ev("huge", blob="h" * 3000000))
@@ -1569,3 +1587,41 @@ def test_fuzzed_appends_never_break_the_watcher(tmp_path):
                 assert got == [(e["itemType"], e["changeType"], e["item"]) for e in valid], n
                 assert watcher.malformed == sum(1 for _, e in lines if e is None), n
                 assert watcher.errors == 0
+
+
+# --- the crash loop and the command line's security -------------------------------------------
+
+
+def test_crash_loop_short_version():
+    out = subprocess.run([sys.executable, os.path.join(HERE, "stress", "crash_loop.py"), "--runs", "5",
+                          "--seed", "5"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.startswith("runs: 5, acknowledged events: ") and ", lost: 0 " in out.stdout
+    assert int(out.stdout.split("acknowledged events: ")[1].split(",")[0]) > 100
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to run the CLI as another user")
+@pytest.mark.parametrize("command", ["replay", "check", "follow", "compact"])
+def test_cli_permission_denied_is_one_line(tmp_path, command):
+    path = str(tmp_path / "private.jsonl")
+    write(path, line(ev("a")))
+    os.chmod(path, 0o600)
+    os.chmod(str(tmp_path), 0o755)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
+    if subprocess.run(nobody + ["-c", "pass"], capture_output=True, cwd="/").returncode != 0:
+        pytest.skip("this Python cannot run as nobody (it lives in a private directory)")
+    as_nobody = nobody + [os.path.join(HERE, "marshal_persist.py"), command, path]
+    out = subprocess.run(as_nobody, capture_output=True, text=True, timeout=30, cwd="/")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr == "marshal-persist: %s: Permission denied\n" % path
+
+
+def test_cli_on_a_file_that_is_not_jsonl(tmp_path):
+    path = str(tmp_path / "binary.jsonl")
+    write(path, read(sys.executable)[:300000], "w")
+    for command, code in (("replay", 0), ("check", 1), ("compact", 0)):
+        out = run_cli(command, "--dry-run", path) if command == "compact" else run_cli(command, path)
+        assert out.returncode == code, (command, out.stderr)
+        assert "Traceback" not in out.stderr
+    assert "0 live" in run_cli("replay", path).stderr
