@@ -15,13 +15,18 @@ Guarantees
     * ``persist`` returns only after the line is on disk (fdatasync), so a
       ``kill -9`` or a crash never loses an acknowledged event.  Power loss is
       covered where fdatasync reaches the platter (Linux; macOS needs
-      ``F_FULLFSYNC``, which this module does not issue).
+      ``F_FULLFSYNC``, which this module does not issue).  Concurrent calls
+      share one write and one fsync (group commit).
     * A failed write or sync raises ``PersistError`` and leaves no partial
       record behind; a torn last line left by a crash is moved to
       ``<log>.torn`` at the next open, never glued to the next event.
     * Replay skips and counts bad lines; no file content can make it raise.
     * Appends always land in the file the path names now: a log that was
-      replaced is reopened, a deleted one is recreated from the live state.
+      replaced is reopened, a deleted one is recreated from the live state,
+      and a log truncated or replaced under a running watcher is given back
+      the live entities it lost.
+    * ``compact`` rewrites the log to its live state atomically, while other
+      processes go on writing.
 
 Data flows top to bottom: errors and health, paths and migration, encoding
 and validation, the write path, the read path (replay, tail), the watcher,
@@ -1156,9 +1161,9 @@ class Watcher:
                 if p._replaced:
                     p._locked(_ignore)  # carries late writes to a replaced log over
                 events = self._read_changes(p, p._tail)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # I/O errors above all; none may end the thread
             self.errors += 1
-            p._warn("watcher: %s" % exc)
+            p._warn("watcher: %s: %s" % (type(exc).__name__, exc))
             return
         if not events:
             return
