@@ -660,7 +660,12 @@ class DiskPersister:
         if not events:
             return
         keyed = [(_key(event), event["changeType"] == "SET", line) for event, line in zip(events, lines)]
-        error = self._write_in_group(_Queued(b"".join(lines), keyed))
+        try:
+            error = self._write_in_group(_Queued(b"".join(lines), keyed))
+        except BaseException as exc:  # interrupted: not known to be durable
+            for _ in events:
+                self.health.record_error("interrupted: %r" % exc)
+            raise
         if error is not None:
             failure = PersistError(events[0]["itemType"], "write/fsync: %s" % error)
             for _ in events:
@@ -680,7 +685,17 @@ class DiskPersister:
             self._queue.append(mine)
             leads = len(self._queue) == 1
         if not leads:
-            mine.wake.acquire()  # released once: covered by a leader, or made the leader
+            try:
+                mine.wake.acquire()  # released once: covered by a leader, or made the leader
+            except BaseException:  # Ctrl-C: finish the hand-off, so that no writer waits forever
+                mine.wake.acquire()
+                if not mine.done:
+                    with self._queue_lock:
+                        self._queue.remove(mine)
+                        next_leader = self._queue[0] if self._queue else None
+                    if next_leader is not None:
+                        next_leader.wake.release()
+                raise
             if mine.done:
                 return mine.error
         group = [mine]

@@ -471,6 +471,35 @@ def test_a_failed_group_fails_every_writer_in_it_and_leaves_nothing(log_path, mo
     assert set(replayed(log_path)) == {("Session", "before"), ("Session", "after")}
 
 
+def test_ctrl_c_while_queued_leaves_no_writer_waiting_forever(log_path, monkeypatch):
+    """SIGINT reaches the main thread while it waits behind a leader stuck in fsync."""
+    with mp.DiskPersister(log_path) as p:
+        real_sync = mp._datasync
+        in_sync, release = threading.Event(), threading.Event()
+
+        def slow_sync(fd):
+            in_sync.set()
+            release.wait(10)
+            real_sync(fd)
+
+        monkeypatch.setattr(mp, "_datasync", slow_sync)
+        leader = threading.Thread(target=p.persist, args=(ev("leader"),), daemon=True)
+        leader.start()
+        assert in_sync.wait(5)
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        threading.Timer(0.4, release.set).start()
+        with pytest.raises(KeyboardInterrupt):
+            p.persist(ev("interrupted"))  # queued behind the leader when the signal lands
+        leader.join(10)
+        monkeypatch.setattr(mp, "_datasync", real_sync)
+        late = threading.Thread(target=p.persist, args=(ev("later"),), daemon=True)
+        late.start()
+        late.join(5)
+        assert not late.is_alive() and p._queue == []
+        assert p.health.queued == 0
+    assert {("Session", "leader"), ("Session", "later")} <= set(replayed(log_path))
+
+
 def test_persist_batch_is_one_write_and_one_sync(log_path, monkeypatch):
     syncs = count_syncs(monkeypatch)
     writes = []
