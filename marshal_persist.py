@@ -933,10 +933,11 @@ def _read_chunks(fd: int, start: int, end: Optional[int] = None) -> Iterator[byt
 
 class _Lines:
     """Iterate ``(offset, line)`` over the complete lines of ``fd`` from
-    ``start`` (to ``stop``, or to EOF), each without its ``\\n``.  A line longer than ``max_line`` comes
-    as ``(offset, None)`` and is never held whole; an unfinished last line is
-    not yielded.  ``end`` is always just past the last line yielded, so a
-    caller knows exactly what it has consumed even while others append."""
+    ``start`` (to ``stop``, or to EOF), each without its ``\\n``.  A line
+    longer than ``max_line`` comes as ``(offset, None)`` and is never held
+    whole; an unfinished last line is not yielded.  ``end`` is always just
+    past the last line yielded, so a caller knows exactly what it has
+    consumed even while others append."""
 
     def __init__(self, fd: int, start: int, max_line: int, stop: Optional[int] = None) -> None:
         self.fd = fd
