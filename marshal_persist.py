@@ -293,6 +293,7 @@ def _finite_float(text: str) -> float:
 
 
 _MAX_DEPTH = 127  # serde_json's recursion limit: the Rust reader rejects deeper JSON
+_TOO_DEEP = "nesting too deep: more than %d levels (the Rust reader's limit)" % _MAX_DEPTH
 
 
 def _too_deep(line: bytes, value: Any) -> bool:
@@ -357,7 +358,7 @@ def _encode_event(event: Any) -> bytes:
         else:
             if not _too_deep(line, event):
                 return line
-            problem = "nesting too deep: more than %d levels (the Rust reader's limit)" % _MAX_DEPTH
+            problem = _TOO_DEEP
     entity_type = event.get("itemType") if isinstance(event, dict) else None
     raise PersistError(entity_type if isinstance(entity_type, str) else "<unknown>", problem)
 
@@ -376,7 +377,7 @@ def _parse_line(line: bytes) -> Tuple[Optional[Event], str]:
     if problem is not None:
         return None, problem
     if _too_deep(line, event):
-        return None, "nesting too deep: more than %d levels (the Rust reader's limit)" % _MAX_DEPTH
+        return None, _TOO_DEEP
     return event, ""
 
 
@@ -395,6 +396,15 @@ def _mark(event: Event, restored: bool) -> Event:
 
 def _key(event: Event) -> Key:
     return event["itemType"], event["item"]["id"]
+
+
+def _remember(live: Dict[Key, bytes], key: Key, is_set: bool, line: bytes) -> None:
+    """The dedup rule: the last word on a key wins and moves the key to the end
+    (file order of last occurrence); a DEL forgets it, so memory follows live
+    entities."""
+    live.pop(key, None)
+    if is_set:
+        live[key] = line
 
 
 # --- the write path ---------------------------------------------------------
@@ -689,12 +699,8 @@ class DiskPersister:
                 mine.wake.acquire()  # released once: covered by a leader, or made the leader
             except BaseException:  # Ctrl-C: finish the hand-off, so that no writer waits forever
                 mine.wake.acquire()
-                if not mine.done:
-                    with self._queue_lock:
-                        self._queue.remove(mine)
-                        next_leader = self._queue[0] if self._queue else None
-                    if next_leader is not None:
-                        next_leader.wake.release()
+                if not mine.done:  # made the leader: it heads the queue
+                    self._hand_over(1)
                 raise
             if mine.done:
                 return mine.error
@@ -720,15 +726,20 @@ class DiskPersister:
             error = exc
             raise
         finally:
-            with self._queue_lock:
-                del self._queue[:len(group)]
-                next_leader = self._queue[0] if self._queue else None
-            if next_leader is not None:
-                next_leader.wake.release()  # first, so the next fsync starts sooner
+            self._hand_over(len(group))  # first, so the next fsync starts sooner
             for queued in group[1:]:
                 queued.error, queued.done = error, True
                 queued.wake.release()
         return error
+
+    def _hand_over(self, count: int) -> None:
+        """Take the ``count`` writers a leader dealt with off the queue and
+        make the next one in line the leader."""
+        with self._queue_lock:
+            del self._queue[:count]
+            next_leader = self._queue[0] if self._queue else None
+        if next_leader is not None:
+            next_leader.wake.release()
 
     def _write_locked(self, fd: int, size: int, data: bytes) -> Tuple[int, int, bytes]:
         """Append ``data`` to the locked ``fd`` of ``size`` bytes; returns
@@ -783,9 +794,8 @@ class DiskPersister:
             raise ValueError("the log was opened read-only")
         started = os.times().elapsed
         with self._lock:
-            scan = [_Scan()]
 
-            def rewrite(fd: int, size: int) -> None:
+            def rewrite(fd: int, size: int) -> _Scan:
                 malformed = []  # type: List[bytes]
 
                 def keep(lineno: int, offset: int, reason: str) -> None:
@@ -793,18 +803,19 @@ class DiskPersister:
                     line = next(iter(_Lines(fd, offset, self.max_line_bytes)))[1]
                     malformed.append(line if line is not None else b"(a line too long to keep)")
 
-                scan[0] = _scan(fd, self.max_line_bytes, keep)
+                scan = _scan(fd, self.max_line_bytes, keep)
                 if malformed:
                     self._keep_in_torn_file([b"\n".join(malformed)])
                     self._warn("kept %d malformed lines in %s.torn" % (len(malformed), self.path))
-                self._compact_locked(fd, scan[0])
+                self._compact_locked(fd, scan)
+                return scan
 
-            self._locked(rewrite)
+            scan = self._locked(rewrite)
             size_after = os.fstat(self._checked_fd()).st_size
         figures = {
-            "lines_before": scan[0].lines, "bytes_before": scan[0].end,
-            "lines_after": len(scan[0].live), "bytes_after": size_after,
-            "live": len(scan[0].live), "seconds": round(os.times().elapsed - started, 6),
+            "lines_before": scan.lines, "bytes_before": scan.end,
+            "lines_after": len(scan.live), "bytes_after": size_after,
+            "live": len(scan.live), "seconds": round(os.times().elapsed - started, 6),
         }
         self._info("compacted: %(lines_before)d lines, %(bytes_before)d bytes -> "
                    "%(lines_after)d lines, %(bytes_after)d bytes" % figures)
@@ -861,7 +872,7 @@ class DiskPersister:
             # A copy: persists in other threads update the tail's while this builds the events.
             self._set_tail(_Tail(os.dup(fd), scan.end, scan.last), inherit=False).known = dict(scan.live)
         if self.compact_ratio is not None and not self.read_only and scan.end > 1 << 20 \
-                and scan.end >= self.compact_ratio * sum(len(line) + 1 for line in scan.live.values()):
+                and scan.end >= self.compact_ratio * scan.live_bytes():
             self.compact()
         events = scan.events()
         self._info("replayed %d lines: %d malformed, %d live" % (scan.lines, scan.malformed, len(events)))
@@ -1007,14 +1018,14 @@ class _Scan:
 
     def keep(self, event: Event, line: bytes) -> None:
         """Record ``event`` (parsed from ``line``) as the latest of its key."""
-        key = _key(event)
-        self.live.pop(key, None)  # so that re-inserting moves the key to the end
-        if event["changeType"] == "SET":
-            self.live[key] = line  # a DEL forgets the key: memory follows live entities
-            if self.deleted is not None:
-                self.deleted.pop(key, None)
-        elif self.deleted is not None:
-            self.deleted[key] = line
+        key, is_set = _key(event), event["changeType"] == "SET"
+        _remember(self.live, key, is_set, line)
+        if self.deleted is not None:
+            _remember(self.deleted, key, not is_set, line)
+
+    def live_bytes(self) -> int:
+        """The size of a log holding only the live lines."""
+        return sum(len(line) + 1 for line in self.live.values())
 
     def events(self) -> List[Event]:
         """The live events (then any deletions), parsed again and marked as restored."""
@@ -1072,11 +1083,8 @@ class _Tail:
 
     def learn(self, lines: Iterable[Tuple[Key, bool, bytes]]) -> None:
         """Record ``(key, is_set, line)`` as the latest word on each key."""
-        known = self.known
         for key, is_set, line in lines:
-            known.pop(key, None)
-            if is_set:
-                known[key] = line.rstrip(b"\n")
+            _remember(self.known, key, is_set, line.rstrip(b"\n"))
 
     def intact(self) -> bool:
         """Whether the bytes before ``pos`` are still the last line read."""
@@ -1394,8 +1402,7 @@ def _cli_compact(args: Any, out: Any, err: Any) -> int:
     if args.dry_run:
         scan, _ = _read_log(args.path, _ignore)
         out.write("%s: would compact %d lines, %d bytes -> %d lines, %d bytes (dry run: nothing changed)\n"
-                  % (args.path, scan.lines, scan.end, len(scan.live),
-                     sum(len(line) + 1 for line in scan.live.values())))
+                  % (args.path, scan.lines, scan.end, len(scan.live), scan.live_bytes()))
         return 0
     os.close(_open_for_reading(args.path))  # never create the log it was asked to compact
     with DiskPersister(args.path, logger=_StreamLogger(err)) as persister:

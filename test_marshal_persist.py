@@ -6,7 +6,6 @@ made to fail on demand.
 
 import ast
 import json
-import logging
 import os
 import random
 import shutil
@@ -61,13 +60,18 @@ def read(path):
         return f.read()
 
 
-def replayed(path):
-    """A fresh replay of ``path``: ``{(itemType, id): item}``."""
-    store = mp.MemoryStore()
-    with mp.DiskPersister(path) as p:
-        p.replay(store.apply_batch)
+def snapshot(store):
+    """A MemoryStore's content: ``{(itemType, id): item}``."""
     return {(kind, item["id"]): item for kind in ("Session", "Message", "T")
             for item in store.items(kind)}
+
+
+def replayed(path, read_only=False):
+    """A fresh replay of ``path``: ``{(itemType, id): item}``."""
+    store = mp.MemoryStore()
+    with mp.DiskPersister(path, read_only=read_only) as p:
+        p.replay(store.apply_batch)
+    return snapshot(store)
 
 
 def wait_until(predicate, timeout=5.0):
@@ -1344,17 +1348,6 @@ def test_cli_compact_and_dry_run(log_path):
 # --- real outside programs against a live watcher -----------------------------------------------
 
 
-def snapshot(store):
-    return {(kind, item["id"]): item for kind in ("Session", "T") for item in store.items(kind)}
-
-
-def replayed_read_only(path):
-    store = mp.MemoryStore()
-    with mp.DiskPersister(path, read_only=True) as p:
-        p.replay(store.apply_batch)
-    return snapshot(store)
-
-
 def logrotate(tmp_path, path, mode):
     config = tmp_path / "logrotate.conf"
     config.write_text("%s {\n    %s\n    rotate 2\n    nocompress\n    missingok\n}\n" % (path, mode))
@@ -1398,14 +1391,14 @@ def test_outside_programs_leave_the_store_equal_to_a_fresh_replay(tmp_path, prog
             write(path, "".join(line(ev("ext-%d" % i, v=1)) for i in range(10)))
             assert wait_until(lambda: len(store) == 30)
             OUTSIDE[program](tmp_path, path)
-            assert wait_until(lambda: os.path.exists(path) and snapshot(store) == replayed_read_only(path),
+            assert wait_until(lambda: os.path.exists(path) and snapshot(store) == replayed(path, read_only=True),
                               timeout=10), program
             event = ev("after", kind="T")
             p.persist(event)  # the writer follows the change too
             store.apply_batch([event])
-            assert wait_until(lambda: snapshot(store) == replayed_read_only(path))
+            assert wait_until(lambda: snapshot(store) == replayed(path, read_only=True))
             assert watcher.errors == 0 and watcher.is_alive()
-    state = replayed_read_only(path)
+    state = replayed(path, read_only=True)
     for key in acknowledged:  # even those the program took off the disk: they were given back
         assert key in state, (program, key)
     if program == "cat >> of megabytes":

@@ -54,6 +54,15 @@ def interleaved_rates(runs, count, methods):
     return {name: count / statistics.median(values) for name, values in times.items()}
 
 
+def in_threads(work, parts):
+    """Run ``work(part)`` for each part in its own thread and wait for all."""
+    workers = [threading.Thread(target=work, args=(part,)) for part in parts]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
 def fresh(folder, name):
     path = os.path.join(folder, name)
     for leftover in (path, path + "-wal", path + "-shm"):
@@ -90,12 +99,7 @@ def durable_appends(folder, count, runs):
                 call = log.persist
 
             def work():
-                workers = [threading.Thread(target=lambda part=part: [call(e) for e in part])
-                           for part in parts]
-                for w in workers:
-                    w.start()
-                for w in workers:
-                    w.join()
+                in_threads(lambda part: [call(e) for e in part], parts)
             return work, log.close
         return prepare
 
@@ -119,12 +123,7 @@ def durable_appends(folder, count, runs):
                 db.close()
 
             def work():
-                workers = [threading.Thread(target=insert, args=(events[i::threads],))
-                           for i in range(threads)]
-                for w in workers:
-                    w.start()
-                for w in workers:
-                    w.join()
+                in_threads(insert, [events[i::threads] for i in range(threads)])
             return work, lambda: None
         return prepare
 
