@@ -68,6 +68,7 @@ _CHUNK = 1 << 20
 _DEFAULT_MAX_LINE = 16 << 20
 _LATE_WRITER_SECONDS = 5.0  # how long a replaced log is watched for writers that do not lock
 _datasync = getattr(os, "fdatasync", os.fsync)
+_HAS_LOCKF = hasattr(os, "lockf")
 _APPEND = os.O_RDWR | os.O_APPEND  # descriptors are not inherited by children (PEP 446)
 
 
@@ -412,12 +413,14 @@ def _remember(live: Dict[Key, bytes], key: Key, is_set: bool, line: bytes) -> No
 
 def _write_all(fd: int, data: bytes) -> None:
     """``os.write`` until all of ``data`` is written (a short write is no error)."""
-    view = memoryview(data)
-    while view:
+    view = data  # type: Any
+    while True:
         written = os.write(fd, view)
+        if written == len(view):
+            return
         if written <= 0:
             raise OSError("write made no progress")
-        view = view[written:]
+        view = memoryview(view)[written:]
 
 
 def _cut_back(fd: int, start: int, data: bytes) -> None:
@@ -482,17 +485,15 @@ class DiskPersister:
         self._watcher = None  # type: Optional[Watcher]
         self._replaced = []  # type: List[List[Any]]  # [fd, read up to, keep until]
         self._end = -1  # where this process's last write ended (skips the never-glue read)
-        if read_only:
-            self._fd = os.open(path, os.O_RDONLY)  # type: Optional[int]
-        else:
-            self._fd = self._open_or_create()
+        self._fd = os.open(path, os.O_RDONLY) if read_only else self._open_or_create()  # type: Optional[int]
+        self._ident = _identity(os.fstat(self._fd))  # a descriptor's file never changes: fstat once
+        if not read_only:
             try:
                 self._locked(self._repair_torn_tail)
                 self._remove_stale_temp_files()
             except BaseException:
                 os.close(self._fd)
                 raise
-        self._ident = _identity(os.fstat(self._fd))
 
     def __enter__(self) -> DiskPersister:
         return self
@@ -557,7 +558,7 @@ class DiskPersister:
         ``lockf`` counts from the current offset, which an O_APPEND write
         moves: unlocking seeks back to 0 first, so lock and unlock name one
         range, and every descriptor is at offset 0 whenever it is unlocked."""
-        if hasattr(os, "lockf"):
+        if _HAS_LOCKF:
             if how == "unlock":
                 os.lseek(fd, 0, os.SEEK_SET)
             os.lockf(fd, os.F_LOCK if how == "lock" else os.F_ULOCK, 0)
@@ -570,8 +571,7 @@ class DiskPersister:
             fd = self._checked_fd()
             self._lockf(fd, "lock")
             st = _stat_or_none(self.path)
-            fst = os.fstat(fd)
-            if st is not None and _identity(st) == _identity(fst):
+            if st is not None and _identity(st) == self._ident:
                 break
             self._lockf(fd, "unlock")
             new_fd = None
@@ -589,7 +589,7 @@ class DiskPersister:
             if self._replaced:
                 self._carry_over(fd)
                 return action(fd, os.fstat(fd).st_size)
-            return action(fd, fst.st_size)
+            return action(fd, st.st_size)
         finally:
             self._lockf(fd, "unlock")
             if fd != self._fd:  # the action swapped in a new file (compaction)
