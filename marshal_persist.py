@@ -689,8 +689,14 @@ class DiskPersister:
         """Group commit: queue ``mine``; the writer at the head of the queue
         leads, writing everything queued with one write and one fsync while
         later writers queue behind it, then wakes exactly the writers it
-        covered, and the next leader.  Returns the error of this write, if any.
+        covered, and the next leader.  A lone writer skips the queue.
+        Returns the error of this write, if any.
         """
+        if not self._queue and self._lock.acquire(blocking=False):
+            try:  # nobody to share the write with: the queue would only cost time
+                return self._append([mine])
+            finally:
+                self._lock.release()
         with self._queue_lock:
             self._queue.append(mine)
             leads = len(self._queue) == 1
@@ -705,23 +711,10 @@ class DiskPersister:
             if mine.done:
                 return mine.error
         group = [mine]
-
-        def write_group(fd: int, size: int) -> Tuple[int, int, bytes]:
-            with self._queue_lock:
-                group[:] = self._queue  # at the last moment, so late arrivals join in
-            return self._write_locked(fd, size, b"".join([queued.data for queued in group]))
-
         error = None  # type: Optional[BaseException]
         try:
-            if self.read_only:
-                raise ValueError("the log was opened read-only")
             with self._lock:
-                self._sync_written(*self._locked(write_group))
-                if self._tail is not None:
-                    for queued in group:
-                        self._tail.learn(queued.lines)
-        except (OSError, ValueError) as exc:
-            error = exc
+                error = self._append(group, self._queue)
         except BaseException as exc:  # even then, the writers behind must not wait forever
             error = exc
             raise
@@ -731,6 +724,28 @@ class DiskPersister:
                 queued.error, queued.done = error, True
                 queued.wake.release()
         return error
+
+    def _append(self, group: List[_Queued], queue: Optional[List[_Queued]] = None) -> Optional[Exception]:
+        """Write the lines of ``group`` with one write and one fsync; returns
+        the error, if any.  With ``queue``, ``group`` becomes all of it at the
+        last moment, so that late arrivals join in.  Call with ``self._lock``."""
+
+        def write_group(fd: int, size: int) -> Tuple[int, int, bytes]:
+            if queue is not None:
+                with self._queue_lock:
+                    group[:] = queue
+            return self._write_locked(fd, size, b"".join([queued.data for queued in group]))
+
+        try:
+            if self.read_only:
+                raise ValueError("the log was opened read-only")
+            self._sync_written(*self._locked(write_group))
+        except (OSError, ValueError) as exc:
+            return exc
+        if self._tail is not None:
+            for queued in group:
+                self._tail.learn(queued.lines)
+        return None
 
     def _hand_over(self, count: int) -> None:
         """Take the ``count`` writers a leader dealt with off the queue and

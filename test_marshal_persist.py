@@ -459,7 +459,7 @@ def test_a_failed_group_fails_every_writer_in_it_and_leaves_nothing(log_path, mo
         followers = [threading.Thread(target=write, args=("f%d" % i,)) for i in range(5)]
         for t in followers:
             t.start()
-        assert wait_until(lambda: len(p._queue) == 6)
+        assert wait_until(lambda: len(p._queue) == 5)  # the lone leader skipped the queue
         release.set()
         leader.join(10)
         for t in followers:  # they formed the next group, which failed the same way
@@ -475,8 +475,11 @@ def test_a_failed_group_fails_every_writer_in_it_and_leaves_nothing(log_path, mo
     assert set(replayed(log_path)) == {("Session", "before"), ("Session", "after")}
 
 
-def test_ctrl_c_while_queued_leaves_no_writer_waiting_forever(log_path, monkeypatch):
-    """SIGINT reaches the main thread while it waits behind a leader stuck in fsync."""
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_ctrl_c_while_queued_leaves_no_writer_waiting_forever(log_path, monkeypatch, ahead):
+    """SIGINT reaches the main thread while it waits behind a lone writer stuck
+    in fsync: at the head of the queue (``ahead=0``), or behind another
+    queued writer that will lead the next group (``ahead=1``)."""
     with mp.DiskPersister(log_path) as p:
         real_sync = mp._datasync
         in_sync, release = threading.Event(), threading.Event()
@@ -487,14 +490,19 @@ def test_ctrl_c_while_queued_leaves_no_writer_waiting_forever(log_path, monkeypa
             real_sync(fd)
 
         monkeypatch.setattr(mp, "_datasync", slow_sync)
-        leader = threading.Thread(target=p.persist, args=(ev("leader"),), daemon=True)
-        leader.start()
+        writers = [threading.Thread(target=p.persist, args=(ev("leader"),), daemon=True)]
+        writers[0].start()
         assert in_sync.wait(5)
+        for n in range(ahead):
+            writers.append(threading.Thread(target=p.persist, args=(ev("queued%d" % n),), daemon=True))
+            writers[-1].start()
+            assert wait_until(lambda: len(p._queue) == n + 1)
         threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
         threading.Timer(0.4, release.set).start()
         with pytest.raises(KeyboardInterrupt):
-            p.persist(ev("interrupted"))  # queued behind the leader when the signal lands
-        leader.join(10)
+            p.persist(ev("interrupted"))  # queued when the signal lands
+        for t in writers:
+            t.join(10)
         monkeypatch.setattr(mp, "_datasync", real_sync)
         late = threading.Thread(target=p.persist, args=(ev("later"),), daemon=True)
         late.start()
