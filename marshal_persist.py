@@ -440,14 +440,15 @@ def _identity(st: os.stat_result) -> Tuple[int, int]:
 
 
 class _Queued:
-    """One ``persist`` call's encoded lines, waiting in the group-commit queue;
-    ``lines`` lists ``(key, is_set, line)`` of each."""
+    """One ``persist`` call's events and their lines, waiting in the
+    group-commit queue."""
 
-    __slots__ = ("data", "lines", "wake", "done", "error")
+    __slots__ = ("events", "lines", "data", "wake", "done", "error")
 
-    def __init__(self, data: bytes, lines: List[Tuple[Key, bool, bytes]]) -> None:
-        self.data = data
+    def __init__(self, events: List[Event], lines: List[bytes]) -> None:
+        self.events = events
         self.lines = lines
+        self.data = b"".join(lines)
         self.wake = threading.Lock()
         self.wake.acquire()
         self.done = False
@@ -669,9 +670,8 @@ class DiskPersister:
             raise
         if not events:
             return
-        keyed = [(_key(event), event["changeType"] == "SET", line) for event, line in zip(events, lines)]
         try:
-            error = self._write_in_group(_Queued(b"".join(lines), keyed))
+            error = self._write_in_group(_Queued(events, lines))
         except BaseException as exc:  # interrupted: not known to be durable
             for _ in events:
                 self.health.record_error("interrupted: %r" % exc)
@@ -744,7 +744,7 @@ class DiskPersister:
             return exc
         if self._tail is not None:
             for queued in group:
-                self._tail.learn(queued.lines)
+                self._tail.learn(queued.events, queued.lines)
         return None
 
     def _hand_over(self, count: int) -> None:
@@ -1096,10 +1096,10 @@ class _Tail:
         self.known = {}  # type: Dict[Key, bytes]
         self.missing = False
 
-    def learn(self, lines: Iterable[Tuple[Key, bool, bytes]]) -> None:
-        """Record ``(key, is_set, line)`` as the latest word on each key."""
-        for key, is_set, line in lines:
-            _remember(self.known, key, is_set, line.rstrip(b"\n"))
+    def learn(self, events: List[Event], lines: List[bytes]) -> None:
+        """Record each event, as its line, as the latest word on its key."""
+        for event, line in zip(events, lines):
+            _remember(self.known, _key(event), event["changeType"] == "SET", line.rstrip(b"\n"))
 
     def intact(self) -> bool:
         """Whether the bytes before ``pos`` are still the last line read."""
@@ -1125,7 +1125,7 @@ class _Tail:
                 malformed += 1
                 warn("skipped the line at byte %d: %s" % (offset, reason))
             else:
-                self.learn([(_key(event), event["changeType"] == "SET", line)])  # type: ignore[list-item]
+                self.learn([event], [line])  # type: ignore[list-item]
                 self.pending.append(_mark(event, restored=False))
         if lines.end != self.pos:
             self.pos = lines.end
