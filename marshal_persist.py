@@ -441,9 +441,9 @@ def _identity(st: os.stat_result) -> Tuple[int, int]:
 
 class _Queued:
     """One ``persist`` call's events and their lines, waiting in the
-    group-commit queue."""
+    group-commit queue; ``next`` is the writer to wake after this one."""
 
-    __slots__ = ("events", "lines", "data", "wake", "done", "error")
+    __slots__ = ("events", "lines", "data", "wake", "done", "error", "next")
 
     def __init__(self, events: List[Event], lines: List[bytes]) -> None:
         self.events = events
@@ -453,6 +453,12 @@ class _Queued:
         self.wake.acquire()
         self.done = False
         self.error = None  # type: Optional[BaseException]
+        self.next = None  # type: Optional[_Queued]
+
+
+def _wake(queued: Optional[_Queued]) -> None:
+    if queued is not None:
+        queued.wake.release()
 
 
 class DiskPersister:
@@ -688,9 +694,11 @@ class DiskPersister:
     def _write_in_group(self, mine: _Queued) -> Optional[BaseException]:
         """Group commit: queue ``mine``; the writer at the head of the queue
         leads, writing everything queued with one write and one fsync while
-        later writers queue behind it, then wakes exactly the writers it
-        covered, and the next leader.  A lone writer skips the queue.
-        Returns the error of this write, if any.
+        later writers queue behind it, then wakes the next leader and
+        exactly the writers it covered: the first of them, which wakes the
+        second, and so on, so that they do not all fight the next leader for
+        the GIL at once.  A lone writer skips the queue.  Returns the error
+        of this write, if any.
         """
         if not self._queue and self._lock.acquire(blocking=False):
             try:  # nobody to share the write with: the queue would only cost time
@@ -705,10 +713,13 @@ class DiskPersister:
                 mine.wake.acquire()  # released once: covered by a leader, or made the leader
             except BaseException:  # Ctrl-C: finish the hand-off, so that no writer waits forever
                 mine.wake.acquire()
-                if not mine.done:  # made the leader: it heads the queue
+                if mine.done:
+                    _wake(mine.next)
+                else:  # made the leader: it heads the queue
                     self._hand_over(1)
                 raise
             if mine.done:
+                _wake(mine.next)
                 return mine.error
         group = [mine]
         error = None  # type: Optional[BaseException]
@@ -720,9 +731,9 @@ class DiskPersister:
             raise
         finally:
             self._hand_over(len(group))  # first, so the next fsync starts sooner
-            for queued in group[1:]:
-                queued.error, queued.done = error, True
-                queued.wake.release()
+            for queued, after in zip(group[1:], group[2:] + [None]):
+                queued.error, queued.done, queued.next = error, True, after
+            _wake(group[1] if len(group) > 1 else None)
         return error
 
     def _append(self, group: List[_Queued], queue: Optional[List[_Queued]] = None) -> Optional[Exception]:
@@ -753,8 +764,7 @@ class DiskPersister:
         with self._queue_lock:
             del self._queue[:count]
             next_leader = self._queue[0] if self._queue else None
-        if next_leader is not None:
-            next_leader.wake.release()
+        _wake(next_leader)
 
     def _write_locked(self, fd: int, size: int, data: bytes) -> Tuple[int, int, bytes]:
         """Append ``data`` to the locked ``fd`` of ``size`` bytes; returns

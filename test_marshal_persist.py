@@ -479,7 +479,8 @@ def test_a_failed_group_fails_every_writer_in_it_and_leaves_nothing(log_path, mo
 def test_ctrl_c_while_queued_leaves_no_writer_waiting_forever(log_path, monkeypatch, ahead):
     """SIGINT reaches the main thread while it waits behind a lone writer stuck
     in fsync: at the head of the queue (``ahead=0``), or behind another
-    queued writer that will lead the next group (``ahead=1``)."""
+    queued writer that will lead the next group (``ahead=1``), with one more
+    writer queued behind it, which must still be woken."""
     with mp.DiskPersister(log_path) as p:
         real_sync = mp._datasync
         in_sync, release = threading.Event(), threading.Event()
@@ -497,19 +498,22 @@ def test_ctrl_c_while_queued_leaves_no_writer_waiting_forever(log_path, monkeypa
             writers.append(threading.Thread(target=p.persist, args=(ev("queued%d" % n),), daemon=True))
             writers[-1].start()
             assert wait_until(lambda: len(p._queue) == n + 1)
+        writers.append(threading.Thread(target=p.persist, args=(ev("behind"),), daemon=True))
+        threading.Timer(0.1, writers[-1].start).start()  # once the main thread has queued
         threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
         threading.Timer(0.4, release.set).start()
         with pytest.raises(KeyboardInterrupt):
             p.persist(ev("interrupted"))  # queued when the signal lands
         for t in writers:
             t.join(10)
+            assert not t.is_alive()
         monkeypatch.setattr(mp, "_datasync", real_sync)
         late = threading.Thread(target=p.persist, args=(ev("later"),), daemon=True)
         late.start()
         late.join(5)
         assert not late.is_alive() and p._queue == []
         assert p.health.queued == 0
-    assert {("Session", "leader"), ("Session", "later")} <= set(replayed(log_path))
+    assert {("Session", "leader"), ("Session", "behind"), ("Session", "later")} <= set(replayed(log_path))
 
 
 def test_persist_batch_is_one_write_and_one_sync(log_path, monkeypatch):
