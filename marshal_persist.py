@@ -820,7 +820,7 @@ class DiskPersister:
         started = os.times().elapsed
         with self._lock:
 
-            def rewrite(fd: int, size: int) -> _Scan:
+            def rewrite(fd: int, size: int) -> Tuple[_Scan, int]:
                 malformed = []  # type: List[bytes]
 
                 def keep(lineno: int, offset: int, reason: str) -> None:
@@ -832,21 +832,20 @@ class DiskPersister:
                 if malformed:
                     self._keep_in_torn_file([b"\n".join(malformed)])
                     self._warn("kept %d malformed lines in %s.torn" % (len(malformed), self.path))
-                self._compact_locked(fd, scan)
-                return scan
+                return scan, self._compact_locked(fd, scan)
 
-            scan = self._locked(rewrite)
+            scan, carried = self._locked(rewrite)
             size_after = os.fstat(self._checked_fd()).st_size
         figures = {
             "lines_before": scan.lines, "bytes_before": scan.end,
-            "lines_after": len(scan.live), "bytes_after": size_after,
+            "lines_after": len(scan.live) + carried, "bytes_after": size_after,
             "live": len(scan.live), "seconds": round(os.times().elapsed - started, 6),
         }
         self._info("compacted: %(lines_before)d lines, %(bytes_before)d bytes -> "
                    "%(lines_after)d lines, %(bytes_after)d bytes" % figures)
         return figures
 
-    def _compact_locked(self, old_fd: int, scan: _Scan) -> None:
+    def _compact_locked(self, old_fd: int, scan: _Scan) -> int:
         tail = self._tail
         follows = tail is not None and tail.ident == self._ident
         if tail is not None and follows:
@@ -859,20 +858,23 @@ class DiskPersister:
         if tail is not None and follows:
             self._set_tail(_Tail(os.dup(new_fd), live_end, last))
         self._replaced.append([os.dup(old_fd), scan.end, os.times().elapsed + _LATE_WRITER_SECONDS])
-        self._carry_over(new_fd)
+        return self._carry_over(new_fd)
 
-    def _carry_over(self, fd: int) -> None:
+    def _carry_over(self, fd: int) -> int:
         """Copy lines appended to a log this process replaced, after it was
-        read, into the current log ``fd`` (locked).
+        read, into the current log ``fd`` (locked); returns how many.
 
         A writer that does not lock (a shell ``>>``) may have opened the old
         file just before the swap and write into it just after, so the old
         file is checked again at every locked operation for a while."""
         now = os.times().elapsed
+        carried = 0
         for replaced in list(self._replaced):
             old_fd, start, deadline = replaced
             lines = _Lines(old_fd, start, self.max_line_bytes)
-            data = b"".join(line + b"\n" for _, line in lines if line is not None)
+            found = [line + b"\n" for _, line in lines if line is not None]
+            data = b"".join(found)
+            carried += len(found)
             replaced[1] = lines.end
             if data:  # foreign lines: the watcher must apply them, so not marked as own
                 self._sync_written(*self._write_locked(fd, os.fstat(fd).st_size, data), own=False)
@@ -880,6 +882,7 @@ class DiskPersister:
             if now > deadline:
                 os.close(old_fd)
                 self._replaced.remove(replaced)
+        return carried
 
     # --- the read path: replay ------------------------------------------------
 

@@ -1172,6 +1172,23 @@ def test_compaction_keeps_exactly_the_live_state(log_path):
     assert sorted(os.listdir(os.path.dirname(log_path))) == ["events.jsonl", "events.jsonl.torn"]
 
 
+def test_compaction_carries_over_and_counts_a_line_written_between_read_and_swap(log_path, monkeypatch):
+    history(log_path)
+    real = mp._write_durably
+
+    def shell_append_then_swap(path, chunks, clobber):  # a `>>` that takes no lock lands now
+        write(log_path, line(ev("late", kind="T")))
+        return real(path, chunks, clobber)
+
+    monkeypatch.setattr(mp, "_write_durably", shell_append_then_swap)
+    with mp.DiskPersister(log_path) as p:
+        figures = p.compact()
+    assert figures["lines_after"] == figures["live"] + 1 == len(read(log_path).splitlines())
+    assert figures["bytes_after"] == os.path.getsize(log_path)
+    assert read(log_path).endswith(line(ev("late", kind="T")).encode())
+    assert ("T", "late") in replayed(log_path)
+
+
 def test_compaction_with_live_writers_in_other_processes_and_a_shell_appender(log_path):
     history(log_path)
     writer = (
