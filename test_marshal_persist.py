@@ -497,7 +497,7 @@ def test_ctrl_c_while_queued_leaves_no_writer_waiting_forever(log_path, monkeypa
         for n in range(ahead):
             writers.append(threading.Thread(target=p.persist, args=(ev("queued%d" % n),), daemon=True))
             writers[-1].start()
-            assert wait_until(lambda: len(p._queue) == n + 1)
+            assert wait_until(lambda n=n: len(p._queue) == n + 1)
         writers.append(threading.Thread(target=p.persist, args=(ev("behind"),), daemon=True))
         threading.Timer(0.1, writers[-1].start).start()  # once the main thread has queued
         threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
@@ -1215,7 +1215,7 @@ def test_compaction_with_live_writers_in_other_processes_and_a_shell_appender(lo
     assert [proc.returncode for proc in procs] == [0, 0, 0]
     assert [len(a) for a in acked] == [400, 400, 300]
     state = replayed(log_path)
-    for name, numbers in zip(("w1", "w2"), acked[:2]):
+    for name in ("w1", "w2"):
         for n in range(375, 400):  # the last value each writer acknowledged per key
             assert state[("T", "%s-%d" % (name, n % 25))]["n"] == n
     assert {("T", "sh-%s" % i) for i in acked[2]} <= set(state)
@@ -1420,8 +1420,9 @@ def test_outside_programs_leave_the_store_equal_to_a_fresh_replay(tmp_path, prog
             write(path, "".join(line(ev("ext-%d" % i, v=1)) for i in range(10)))
             assert wait_until(lambda: len(store) == 30)
             OUTSIDE[program](tmp_path, path)
-            assert wait_until(lambda: os.path.exists(path) and snapshot(store) == replayed(path, read_only=True),
-                              timeout=10), program
+            assert wait_until(
+                lambda: os.path.exists(path) and snapshot(store) == replayed(path, read_only=True), timeout=10
+            ), program
             event = ev("after", kind="T")
             p.persist(event)  # the writer follows the change too
             store.apply_batch([event])
@@ -1575,7 +1576,8 @@ def hostile_line(rng, huge_lines):
         other = dict(valid, item={"id": "dup", "v": 1})
         return text[:-1] + b',"item":{"id":"dup","v":1}}', other
     if case == 18 and huge_lines:
-        return b'{"item":{"id":"huge","blob":"' + b"h" * (10 << 20) + b'"},"changeType":"SET","itemType":"T"}', None
+        blob = b"h" * (10 << 20)
+        return b'{"item":{"id":"huge","blob":"' + blob + b'"},"changeType":"SET","itemType":"T"}', None
     return b"   \t ", "blank"
 
 
@@ -1631,7 +1633,7 @@ def test_fuzzed_appends_never_break_the_watcher(tmp_path):
                     step = rng.randrange(1, 400)
                     write(path, body[at:at + step])
                     at += step
-                assert wait_until(lambda: p._tail.pos == len(body))
+                assert wait_until(lambda body=body: p._tail.pos == len(body))
                 time.sleep(0.01)
                 valid = [e for _, e in lines if isinstance(e, dict)]
                 got = [(e["itemType"], e["changeType"], e["item"]) for e in recorder.events()]
