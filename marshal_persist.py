@@ -439,6 +439,27 @@ def _identity(st: os.stat_result) -> Tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _ignore(*args: object) -> None:
+    pass
+
+
+def _stat_or_none(path: str) -> Optional[os.stat_result]:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+
+
 class _Queued:
     """One ``persist`` call's events and their lines, waiting in the
     group-commit queue; ``next`` is the writer to wake after this one."""
@@ -627,7 +648,7 @@ class DiskPersister:
         start = _after_last_newline(fd, size)
         if start == size:
             return
-        if size - start <= self.max_line_bytes and _parse_line(os.pread(fd, size - start, start))[0]:
+        if _last_fragment(fd, start, size, self.max_line_bytes)[1] is not None:
             _write_all(fd, b"\n")
             _datasync(fd)
             self._info("terminated the unfinished last line at byte %d" % start)
@@ -935,27 +956,6 @@ class DiskPersister:
         return self._watcher
 
 
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _ignore(*args: object) -> None:
-    pass
-
-
-def _stat_or_none(path: str) -> Optional[os.stat_result]:
-    try:
-        return os.stat(path)
-    except FileNotFoundError:
-        return None
-
-
 # --- the read path: lines, scans, tails ---------------------------------------
 
 
@@ -1022,6 +1022,16 @@ def _after_last_newline(fd: int, end: int) -> int:
             return pos - size + found + 1
         pos -= size
     return 0
+
+
+def _last_fragment(fd: int, start: int, end: int, max_line: int) -> Tuple[bytes, Optional[Event]]:
+    """The unterminated last line of ``fd``, ``[start, end)``, and the event
+    it holds if it is whole and only lacks its ``\n`` (else it is torn).  A
+    fragment longer than ``max_line`` is not read: it counts as torn."""
+    if not start < end <= start + max_line:
+        return b"", None
+    fragment = os.pread(fd, end - start, start)
+    return fragment, _parse_line(fragment)[0]
 
 
 def _end_and_last_line(fd: int) -> Tuple[int, bytes]:
@@ -1354,12 +1364,11 @@ def _read_log(path: str, on_malformed: Callable[[int, int, str], None]) -> Tuple
     try:
         scan = _scan(fd, _DEFAULT_MAX_LINE, on_malformed)
         size = os.fstat(fd).st_size - scan.end
-        fragment = os.pread(fd, size, scan.end) if 0 < size <= _DEFAULT_MAX_LINE else b""
+        fragment, event = _last_fragment(fd, scan.end, scan.end + size, _DEFAULT_MAX_LINE)
     finally:
         os.close(fd)
     if not size:
         return scan, ""
-    event = _parse_line(fragment)[0] if fragment else None
     if event is None:
         return scan, "torn tail at byte %d: %d bytes of an unfinished write" % (scan.end, size)
     scan.keep(event, fragment)

@@ -72,14 +72,6 @@ def fresh(folder, name):
     return path
 
 
-class Waiter:
-    __slots__ = ("data", "wake", "done", "next")
-
-    def __init__(self, data):
-        self.data, self.wake, self.done, self.next = data, threading.Lock(), False, None
-        self.wake.acquire()
-
-
 class GroupCommitSkeleton:
     """Group commit and nothing else, as ``persist`` does it: encode, queue;
     the head of the queue writes all that is queued with one write and one
@@ -92,29 +84,26 @@ class GroupCommitSkeleton:
         self.queue, self.queue_lock, self.lock = [], threading.Lock(), threading.Lock()
 
     def persist(self, event):
-        mine = Waiter(mp._encode_event(event))
+        mine = mp._Queued([event], [mp._encode_event(event)])
         with self.queue_lock:
             self.queue.append(mine)
             leads = len(self.queue) == 1
         if not leads:
             mine.wake.acquire()
             if mine.done:
-                if mine.next:
-                    mine.next.wake.release()
+                mp._wake(mine.next)
                 return
         with self.lock:
             with self.queue_lock:
                 group = list(self.queue)
-            os.write(self.fd, b"".join(waiter.data for waiter in group))
+            os.write(self.fd, b"".join(queued.data for queued in group))
             os.fdatasync(self.fd)
         with self.queue_lock:
             del self.queue[:len(group)]
-            if self.queue:
-                self.queue[0].wake.release()
-        for waiter, after in zip(group[1:], group[2:] + [None]):
-            waiter.done, waiter.next = True, after
-        if len(group) > 1:
-            group[1].wake.release()
+            mp._wake(self.queue[0] if self.queue else None)
+        for queued, after in zip(group[1:], group[2:] + [None]):
+            queued.done, queued.next = True, after
+        mp._wake(group[1] if len(group) > 1 else None)
 
     def close(self):
         os.close(self.fd)
