@@ -1,8 +1,8 @@
 """Hold marshal_persist against the limits of this machine and against the
 durable stores a Python program would use instead.
 
-    python benchmarks/bench.py                # the full run (about 6 minutes)
-    python benchmarks/bench.py --quick        # a smaller run, about a minute
+    python benchmarks/bench.py                # the full run (about 5 minutes)
+    python benchmarks/bench.py --quick        # a smaller run, under a minute
     python benchmarks/bench.py --check-sync   # strace: does every store sync per write?
 
 Every figure is the median of several rounds, and in every round each system
@@ -739,8 +739,8 @@ def check_sync(folder, writes, rounds=3):
     print("sync calls per write (strace -f -c -e trace=%s; %d writes; open and close subtracted)"
           "\nand writes/s, CPU microseconds per write (%d writes, medians of %d runs, no strace); files in %s"
           % (",".join(SYNC_CALLS), writes, 10 * writes, rounds, folder))
-    table(("", "syncs/write, 1 thread", "durable", "8 threads", "writes/s", "CPU us", "8 threads: w/s",
-           "CPU us"),
+    table(("", "syncs/write, 1 thread", "durable", "syncs/write, 8 threads", "1 thread: writes/s", "CPU us",
+           "8 threads: writes/s", "CPU us"),
           [(label_of(name), *rows[name], *per_write[name, 1], *per_write.get((name, 8), ["-", "-"]))
            for name in names], "<<<>>>>>")
 
