@@ -435,14 +435,19 @@ def durable_writes(folder, count, runs, peers):
 
     methods = {"bare": bare, "floor": floor,
                "persist/1": stored("persist", 1), "persist/8": stored("persist", 8)}
-    if os.path.isdir(TMPFS):  # where fsync costs nothing: what the CPU allows
-        methods["persist/8 tmpfs"] = stored("persist", 8, where=TMPFS)
+    tmpfs = tempfile.mkdtemp(prefix=".scratch-marshal-bench-", dir=TMPFS) if os.path.isdir(TMPFS) else None
+    if tmpfs:  # where fsync costs nothing: what the CPU allows
+        methods["persist/8 tmpfs"] = stored("persist", 8, where=tmpfs)
     methods["batch100"] = batches(100)
     for name in peers:
         if name != "sqlite_shared":  # with one thread, the same as sqlite
             methods[name + "/1"] = stored(name, 1)
         methods[name + "/8"] = stored(name, 8)
-    return interleaved_rates(runs, count, methods)
+    try:
+        return interleaved_rates(runs, count, methods)
+    finally:
+        if tmpfs:
+            shutil.rmtree(tmpfs)
 
 
 # --- 2. recovery after a history ------------------------------------------------------------------
