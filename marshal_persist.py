@@ -1,8 +1,8 @@
 """A durable, append-only JSONL event log: the marshal daemon's persister in Python.
 
 Format
-    One event per line, compact JSON (no spaces, UTF-8, non-ASCII kept) and a
-    single ``\\n``, byte-compatible both ways with the Rust marshal-daemon::
+    One event per line: compact JSON (UTF-8, non-ASCII kept) and a single
+    ``\\n``, byte-compatible both ways with the Rust marshal-daemon::
 
         {"item":{"id":"s-1"},"changeType":"SET","itemType":"Session",...}
 
@@ -12,24 +12,24 @@ Format
     The identity of an entity is ``(itemType, item.id)``; the last line wins.
 
 Guarantees
-    * ``persist`` returns only after the line is on disk (fdatasync), so a
-      ``kill -9`` or a crash never loses an acknowledged event.  Power loss is
-      covered where fdatasync reaches the platter (Linux; macOS needs
-      ``F_FULLFSYNC``, which this module does not issue).  Concurrent calls
-      share one write and one fsync (group commit).
-    * A failed write or sync raises ``PersistError`` and leaves no partial
-      record behind; a torn last line left by a crash is moved to
-      ``<log>.torn`` at the next open, never glued to the next event.
-    * Replay skips and counts bad lines; no file content can make it raise.
-    * Appends always land in the file the path names now: a log that was
-      replaced is reopened, a deleted one is recreated from the live state,
-      and a log truncated or replaced under a running watcher is given back
-      the live entities it lost.
-    * ``compact`` rewrites the log to its live state atomically, while other
-      processes go on writing.
+    * ``persist`` returns only once the line, the file's size and every
+      directory entry on the log's path are durable (fdatasync and directory
+      fsyncs), so neither ``kill -9`` nor a power cut loses an acknowledged
+      event.  Concurrent calls share one write and one fdatasync.
+    * A refused or failed event raises and leaves nothing behind.  No line is
+      ever glued to another: not to a torn line left by a crash (it goes to
+      ``<log>.torn`` at the next open), nor to a line that a writer which does
+      not lock is writing at the same moment.
+    * Replay skips and counts bad lines; no file content makes it raise.
+    * Appends land in the file the path names now: a replaced log is
+      reopened, a deleted one recreated from the live state.
+    * The watcher hands the store every event in file order, this process's
+      own included, so the store ends up as a fresh replay would leave it.
+    * ``compact`` rewrites the log to its live state atomically, and keeps
+      the bytes it cannot parse in ``<log>.torn``.
 
 Data flows top to bottom: errors and health, paths and migration, encoding
-and validation, the write path, the read path (replay, tail), the watcher,
+and validation, the write path, the read path, the watcher,
 ``MemoryStore``, and the command line.
 """
 
@@ -44,11 +44,12 @@ if TYPE_CHECKING:  # pragma: no cover - never runs; for type checkers only
     from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
     Event = Dict[str, Any]
-    ApplyBatch = Callable[[List[Event]], Optional[int]]
+    ApplyBatch = Callable[[List[Event]], Any]
     Key = Tuple[str, str]
+    Entry = Tuple[bytes, Event, str]  # a line, its event, and how it is marked
     T = TypeVar("T")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "__version__",
@@ -66,17 +67,16 @@ __all__ = [
 LOG_NAME = "events.jsonl"
 _CHUNK = 1 << 20
 _DEFAULT_MAX_LINE = 16 << 20
-_LATE_WRITER_SECONDS = 5.0  # how long a replaced log is watched for writers that do not lock
-_datasync = getattr(os, "fdatasync", os.fsync)
-_HAS_LOCKF = hasattr(os, "lockf")
 _APPEND = os.O_RDWR | os.O_APPEND  # descriptors are not inherited by children (PEP 446)
+# lockf fails with these where the filesystem has no locks (ENOLCK, EOPNOTSUPP/ENOTSUP).
+_NO_LOCKS = (77, 45) if os.uname().sysname == "Darwin" else (37, 95)
 
 
 # --- errors and health ------------------------------------------------------
 
 
 class PersistError(Exception):
-    """An event could not be made durable (bad event, or a failed write or sync)."""
+    """An event was not made durable: it was refused, or its write or sync failed."""
 
     def __init__(self, entity_type: str, message: str) -> None:
         super().__init__(entity_type, message)
@@ -88,10 +88,12 @@ class PersistError(Exception):
 
 
 class PersistHealth:
-    """Thread-safe counters of the write path, as myko's ``PersistHealth``.
+    """Thread-safe counters of the write path, with myko's semantics.
 
     ``queued`` counts events between ``record_enqueue`` and their outcome;
-    every outcome (success, error, or a dropped invalid event) takes one off.
+    every outcome takes one off (unlike myko, a dropped event too).  A
+    dropped (refused) event counts as an error, as in myko, and also in
+    ``total_dropped``.  Healthy means no error since the last success.
     """
 
     def __init__(self) -> None:
@@ -102,38 +104,56 @@ class PersistHealth:
         self.total_dropped = 0
         self.consecutive_errors = 0
         self.last_error = None  # type: Optional[str]
+        self._recent = []  # type: List[Tuple[float, int]]  # (time, events persisted) of the last second
 
     @property
     def healthy(self) -> bool:
-        """True while the last write did not fail."""
+        """True while no error happened since the last success."""
         return self.consecutive_errors == 0
 
-    def record_enqueue(self) -> None:
-        """An event entered ``persist``."""
+    def record_enqueue(self, count: int = 1) -> None:
+        """``count`` events entered ``persist``."""
         with self._lock:
-            self.queued += 1
+            self.queued += count
 
     def record_success(self) -> None:
         """An event is durable."""
-        with self._lock:
-            self.queued -= 1
-            self.total_persisted += 1
-            self.consecutive_errors = 0
+        self.record_success_batch(1)
 
-    def record_error(self, message: str) -> None:
-        """A write or sync failed: the disk (or the file) is unhealthy."""
+    def record_success_batch(self, count: int) -> None:
+        """``count`` events are durable; a success clears the last error."""
+        now = os.times().elapsed
         with self._lock:
-            self.queued -= 1
+            self.queued -= count
+            self.total_persisted += count
+            if self.consecutive_errors:
+                self.consecutive_errors = 0
+                self.last_error = None
+            self._recent = [r for r in self._recent if r[0] > now - 1.0] + [(now, count)]
+
+    def record_error(self, message: str, dequeue: bool = True) -> None:
+        """A write or sync failed."""
+        with self._lock:
+            self.queued -= dequeue
             self.total_errors += 1
             self.consecutive_errors += 1
             self.last_error = message
 
+    def record_error_no_dequeue(self, message: str) -> None:
+        """A write failed and the event stays queued (it will be retried)."""
+        self.record_error(message, dequeue=False)
+
     def record_dropped(self, message: str) -> None:
-        """An invalid event was refused; it says nothing about the disk."""
+        """An invalid event was refused."""
+        self.record_error(message)
         with self._lock:
-            self.queued -= 1
             self.total_dropped += 1
-            self.last_error = message
+
+    def writes_per_second(self) -> float:
+        """Events persisted in the last second."""
+        now = os.times().elapsed
+        with self._lock:
+            return float(sum(count for when, count in self._recent if when > now - 1.0))
 
     def as_dict(self) -> Dict[str, Any]:
         """A consistent snapshot of every counter, plus ``healthy``."""
@@ -153,7 +173,8 @@ class PersistHealth:
 
 
 def default_state_dir() -> str:
-    """``$MARSHAL_STATE_DIR``, else ``$HOME/.local/state/marshal``, else ``.marshal``."""
+    """``$MARSHAL_STATE_DIR`` (if set and not empty), else
+    ``$HOME/.local/state/marshal``, else ``.marshal``."""
     override = os.environ.get("MARSHAL_STATE_DIR")
     if override:
         return override
@@ -178,39 +199,60 @@ def _legacy_log_path() -> Optional[str]:
     return None
 
 
-def migrate_from_claude_coord(new_log_path: str, logger: Any = None) -> bool:
-    """Move the claude-coord era log to ``new_log_path``; True when it moved.
+def migrate_from_claude_coord(new_log_path: Any, logger: Any = None) -> bool:
+    """Move the log of claude-coord (the daemon's former name) to
+    ``new_log_path``; True when it moved.
 
     The legacy log is ``$CLAUDE_COORD_STATE_DIR/events.jsonl``, else
     ``~/.local/state/claude-coord/events.jsonl``.  It moves only when the new
     path does not exist; when both exist, both are left alone with a warning
-    (the new one is preferred).  A second call is a no-op.  Across
-    filesystems the file is copied durably, then the old one removed.
+    (the new one is preferred), unless they hold the same bytes (a move that
+    was interrupted), which finishes the move.  The new name and every
+    directory above it are durable before the old name is removed; without
+    hard links (or across filesystems) the file is copied durably.
     """
+    new = os.path.abspath(_fspath(new_log_path))
     old = _legacy_log_path()
     if old is None or not os.path.exists(old):
         return False
-    if os.path.exists(new_log_path):
-        if not os.path.samefile(old, new_log_path):
-            _say(logger, "warning", "[migrate] both legacy (%s) and current (%s) event logs "
-                 "exist; leaving both in place (current is preferred)" % (old, new_log_path))
+    if os.path.exists(new) and not _same_content(old, new):
+        _say(logger, "warning", "[migrate] both legacy (%s) and current (%s) event logs "
+             "exist; leaving both in place (current is preferred)" % (old, new))
         return False
-    _make_dirs(os.path.dirname(new_log_path))
-    _say(logger, "info", "[migrate] moving event log: %s -> %s" % (old, new_log_path))
-    try:
-        os.link(old, new_log_path)  # unlike rename, never clobbers a log created meanwhile
-        _fsync_dir(os.path.dirname(new_log_path))
-    except FileExistsError:
-        return False
-    except OSError:  # another filesystem (EXDEV), or one without hard links
-        src = os.open(old, os.O_RDONLY)
+    _say(logger, "info", "[migrate] moving event log: %s -> %s" % (old, new))
+    if not os.path.exists(new):
+        _make_dirs(os.path.dirname(new))
         try:
-            os.close(_write_durably(new_log_path, _read_chunks(src, 0), clobber=False))
-        finally:
-            os.close(src)
+            os.link(old, new)  # unlike rename, never clobbers a log created meanwhile
+        except FileExistsError:
+            return False
+        except OSError:  # another filesystem (EXDEV), or one without hard links
+            with open(old, "rb") as src:
+                os.close(_write_durably(new, iter(lambda: src.read(_CHUNK), b""), clobber=False))
+    _sync_path(new)
     os.unlink(old)
     _fsync_dir(os.path.dirname(old))
     return True
+
+
+def _fspath(path: Any) -> str:
+    path = os.fspath(path)
+    if not isinstance(path, str):
+        raise TypeError("the log path must be a str or an os.PathLike of str, not %s"
+                        % type(path).__name__)
+    return path
+
+
+def _same_content(a: str, b: str) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        if os.path.samestat(os.fstat(fa.fileno()), os.fstat(fb.fileno())):
+            return True
+        while True:
+            chunk = fa.read(_CHUNK)
+            if chunk != fb.read(_CHUNK):
+                return False
+            if not chunk:
+                return True
 
 
 def _say(logger: Any, level: str, message: str) -> None:
@@ -219,40 +261,82 @@ def _say(logger: Any, level: str, message: str) -> None:
 
 
 def _make_dirs(path: str) -> None:
-    """Create missing directories as 0o700, whatever the umask."""
-    if not path or os.path.isdir(path):
+    """Create missing directories as 0o700, whatever the umask, and make
+    their entries durable."""
+    if os.path.isdir(path):
         return
-    _make_dirs(os.path.dirname(os.path.abspath(path)))
+    _make_dirs(os.path.dirname(path))
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
         return
     os.chmod(path, 0o700)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    _fsync_dir(os.path.dirname(path))
 
 
 def _fsync_dir(path: str) -> None:
-    """Make a create, rename or unlink in ``path`` durable."""
-    fd = os.open(path or ".", os.O_RDONLY)
+    """Make a create, rename or unlink in the directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _write_durably(path: str, chunks: Iterable[bytes], clobber: bool) -> int:
+def _sync_path(path: str) -> None:
+    """Make the entry of ``path`` durable, and the entry of every directory
+    above it: any of them may have been created by a process that was killed
+    before it synced them.  Directories this process may not read were not
+    made by it, and are skipped."""
+    folder = os.path.dirname(path)
+    while True:
+        try:
+            _fsync_dir(folder)
+        except PermissionError:
+            pass
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return
+        folder = parent
+
+
+def _datasync(fd: int) -> None:
+    """fdatasync where the platform has it (it skips the inode's times), else fsync."""
+    if hasattr(os, "fdatasync"):
+        os.fdatasync(fd)
+    else:
+        os.fsync(fd)
+
+
+def _lockf(fd: int, op: int) -> None:
+    """``lockf`` of the whole file.  It counts from the current offset, which
+    an O_APPEND write moves: every lock and unlock is made at offset 0, so
+    that both name one range."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.lockf(fd, op, 0)
+
+
+def _write_durably(path: str, chunks: Iterable[bytes], clobber: bool,
+                   like: Optional[os.stat_result] = None,
+                   claim: Callable[[int], None] = lambda fd: None) -> int:
     """Write ``chunks`` to a new file at ``path`` atomically and durably.
 
-    The recipe: a temp file beside ``path`` (0o600), written and fsynced, then
-    moved into place (``os.replace`` when ``clobber``, else ``os.link``, which
-    raises ``FileExistsError`` rather than overwrite), then the directory
-    fsynced.  A crash leaves either the old state or the new, never a mix.
-    Returns a read/append descriptor of the new file.
+    The recipe: a temp file beside ``path`` (mode 0o600, or the mode and
+    owner of ``like``), locked while in use (the caller unlocks it), written and fsynced; ``claim``
+    sees it before it takes the name: ``os.replace`` when ``clobber``, else
+    ``os.link``, which raises ``FileExistsError`` rather than overwrite; then
+    the directory is fsynced.  A crash leaves the old state or the new, never
+    a mix.  Returns a read/append descriptor of the new file.
     """
-    tmp = "%s.%d.%d.tmp" % (path, os.getpid(), threading.get_ident())
-    fd = os.open(tmp, _APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+    folder = os.path.dirname(path)
+    tmp = "%s.%s.tmp" % (path, os.urandom(8).hex())
     try:
-        os.fchmod(fd, 0o600)
+        fd = os.open(tmp, _APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+    except PermissionError as exc:
+        raise PermissionError(exc.errno, "cannot create a file here", folder) from None
+    try:
+        _lock_quietly(fd)
+        _take_mode_and_owner(fd, like, path)
         pending = []  # type: List[bytes]
         size = 0
         for chunk in chunks:
@@ -263,6 +347,7 @@ def _write_durably(path: str, chunks: Iterable[bytes], clobber: bool) -> int:
                 pending, size = [], 0
         _write_all(fd, b"".join(pending))
         os.fsync(fd)
+        claim(fd)
         if clobber:
             os.replace(tmp, path)
         else:
@@ -270,13 +355,43 @@ def _write_durably(path: str, chunks: Iterable[bytes], clobber: bool) -> int:
             os.unlink(tmp)
     except BaseException:
         os.close(fd)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         raise
-    _fsync_dir(os.path.dirname(path))
+    _fsync_dir(folder)
     return fd
+
+
+def _lock_quietly(fd: int) -> None:
+    """Mark a temp file as in use (see ``DiskPersister._sweep_temp_files``)."""
+    try:
+        _lockf(fd, os.F_LOCK)
+    except OSError:
+        pass
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _take_mode_and_owner(fd: int, like: Optional[os.stat_result], path: str) -> None:
+    """Give a new file the mode of ``like`` (0o600 without it, whatever the
+    umask) and its owner and group, so that the daemon that owns the log can
+    still open it; refuse rather than hand the log to another owner."""
+    os.fchmod(fd, 0o600 if like is None else like.st_mode & 0o7777)
+    if like is None:
+        return
+    mine = os.fstat(fd)
+    if (mine.st_uid, mine.st_gid) != (like.st_uid, like.st_gid):
+        try:
+            os.fchown(fd, like.st_uid, like.st_gid)
+        except PermissionError:
+            raise PermissionError(1, "the log belongs to uid %d, gid %d; run this as that user "
+                                  "(or root) so that the rewritten log keeps its owner"
+                                  % (like.st_uid, like.st_gid), path) from None
+        os.fchmod(fd, like.st_mode & 0o7777)  # chown clears set-id bits
 
 
 # --- encoding and validation ------------------------------------------------
@@ -293,8 +408,42 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _f64_int(text: str) -> int:
+    if float(text) in (float("inf"), float("-inf")):
+        raise ValueError("number out of range (the Rust reader rejects it)")
+    return int(text)
+
+
+_DIGITS_AS_ZEROS = bytes.maketrans(b"123456789", b"000000000")
+_F64_DIGITS = 309  # an integer of fewer digits is within f64's range
+
+
+def _huge_number(line: bytes) -> bool:
+    """Whether ``line`` holds an integer beyond f64's range (the Rust reader
+    rejects it).  Only a line with a run of 309 digits can: the rest is
+    spared a second, slower parse."""
+    if len(line) < _F64_DIGITS or b"0" * _F64_DIGITS not in line.translate(_DIGITS_AS_ZEROS):
+        return False
+    try:
+        _STRICT_DECODER.decode(line.decode("utf-8"))
+    except ValueError:
+        return True
+    return False
+
+
 _MAX_DEPTH = 127  # serde_json's recursion limit: the Rust reader rejects deeper JSON
 _TOO_DEEP = "nesting too deep: more than %d levels (the Rust reader's limit)" % _MAX_DEPTH
+_HUGE = "number out of range (the Rust reader rejects it)"
+# Unicode White_Space, which Rust's str::trim removes: a line of only these is blank.
+_WHITESPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006" \
+              "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_STRICT_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float,
+                                   parse_int=_f64_int)
+_OPTION_FLAGS = ("preventRelationshipUpdates", "preventPersist")
+_KNOWN_KEYS = {"item", "changeType", "itemType", "createdAt", "tx", "sourceId", "options"}
+_OPTION_KEYS = {"preventRelationshipUpdates", "preventPersist", "fromPeer"}
 
 
 def _too_deep(line: bytes, value: Any) -> bool:
@@ -312,9 +461,35 @@ def _too_deep(line: bytes, value: Any) -> bool:
     return False
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
-_OPTION_FLAGS = ("preventRelationshipUpdates", "preventPersist")
+def _duplicate_key(line: bytes, event: Event) -> Optional[str]:
+    """A known key that ``line`` repeats (the Rust reader rejects the line;
+    a dict keeps only the last).  Each key ends in ``":``, which a string can
+    hold only after a backslash: when the line has no more of them than the
+    parsed objects have keys, nothing repeats, and nothing costly is done."""
+    item, options = event["item"], event.get("options")
+    if line.count(b'":') <= len(event) + len(item) + (len(options) if type(options) is dict else 0):
+        return None
+    repeated = []  # type: List[str]
+
+    def pairs(found: List[Tuple[str, Any]]) -> Dict[str, Any]:
+        keys = [key for key, _ in found]
+        known = _OPTION_KEYS if "item" not in keys else _KNOWN_KEYS
+        repeated.extend(key for key in set(keys) if keys.count(key) > 1 and key in known)
+        return dict(found)
+
+    json.JSONDecoder(object_pairs_hook=pairs).decode(line.decode("utf-8"))
+    return repeated[0] if repeated else None
+
+
+def _lone_surrogate(line: bytes, event: Event) -> bool:
+    """Whether a ``\\u`` escape in ``line`` left half a surrogate pair."""
+    if b"\\u" not in line:
+        return False
+    try:
+        json.dumps(event, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _event_problem(event: Any) -> Optional[str]:
@@ -348,49 +523,95 @@ def _event_problem(event: Any) -> Optional[str]:
     return None
 
 
-def _encode_event(event: Any) -> bytes:
-    """The event's log line, ``\\n`` included; raises PersistError if it is invalid."""
+def _snapshot(event: Any) -> Any:
+    """A copy of what validation looks at, so that a thread changing the
+    caller's dict cannot slip an unchecked value between check and encoding."""
+    if type(event) is not dict:
+        return event
+    snap = dict(event)
+    for key in ("item", "options"):
+        if type(snap.get(key)) is dict:
+            snap[key] = dict(snap[key])
+    return snap
+
+
+def _encode_event(event: Any, max_line: int) -> bytes:
+    """The line of an event (a snapshot), ``\\n`` included; raises
+    PersistError if the Rust reader or replay would not take it back."""
     problem = _event_problem(event)
     if problem is None:
         try:
-            line = (_ENCODER.encode(event) + "\n").encode("utf-8")
+            line = (_ENCODER.encode(event) + "\n").encode("utf-8")  # refuses a lone surrogate too
         except (TypeError, ValueError, RecursionError) as exc:
             problem = "not serializable as JSON: %s" % exc
         else:
-            if not _too_deep(line, event):
-                return line
-            problem = _TOO_DEEP
+            problem = _TOO_DEEP if _too_deep(line, event) else _HUGE if _huge_number(line) else None
+        if problem is None and len(line) > max_line + 1:
+            problem = "its line of %d bytes is longer than max_line_bytes (%d)" % (len(line) - 1, max_line)
+        if problem is None:
+            return line
     entity_type = event.get("itemType") if isinstance(event, dict) else None
     raise PersistError(entity_type if isinstance(entity_type, str) else "<unknown>", problem)
 
 
+def _line_problem(line: bytes, event: Event) -> Optional[str]:
+    """What the Rust reader rejects in a line that Python's json accepts."""
+    if _too_deep(line, event):
+        return _TOO_DEEP
+    if _huge_number(line):
+        return _HUGE
+    if _lone_surrogate(line, event):
+        return "a \\u escape is half a surrogate pair"
+    duplicate = _duplicate_key(line, event)
+    if duplicate is not None:
+        return "the key %s appears twice" % duplicate
+    return None
+
+
 def _parse_line(line: bytes) -> Tuple[Optional[Event], str]:
-    """``(event, "")`` for a valid log line, else ``(None, reason)``."""
+    """``(event, "")`` for a valid log line (without its ``\\n``), else
+    ``(None, reason)``."""
     try:
         event = _DECODER.decode(line.decode("utf-8"))
     except UnicodeDecodeError:
         return None, "invalid UTF-8"
     except RecursionError:
-        return None, "nesting too deep"
-    except ValueError as exc:  # JSONDecodeError, NaN, 1e400, over-long integers
+        return None, _TOO_DEEP
+    except json.JSONDecodeError as exc:
+        if line.startswith(b"\xef\xbb\xbf"):
+            return None, "starts with a byte order mark"
+        return None, "not JSON: %s at column %d" % (exc.msg, exc.colno)
+    except ValueError as exc:  # NaN, 1e400, integers beyond f64 or Python's digit limit
         return None, "not JSON: %s" % exc
-    problem = _event_problem(event)
+    problem = _event_problem(event) or _line_problem(line, event)
     if problem is not None:
         return None, problem
-    if _too_deep(line, event):
-        return None, _TOO_DEEP
     return event, ""
 
 
-def _mark(event: Event, restored: bool) -> Event:
-    """Flag an event read from disk so the store neither persists it again nor,
-    when restored from a snapshot, re-runs its relationship cascades."""
-    options = event.get("options") or {}
+def _is_blank(line: bytes) -> bool:
+    """Whether the Rust reader skips ``line`` as blank (Unicode white space only)."""
+    if line[:1] == b"{":
+        return False
+    try:
+        return not line.decode("utf-8").strip(_WHITESPACE)
+    except UnicodeDecodeError:
+        return False
+
+
+def _mark(event: Event, how: str) -> Event:
+    """Flag an event read from disk so that the store does not persist it
+    again; one ``restored`` from a snapshot does not re-run its relationship
+    cascades either; one this process wrote is flagged ``own``."""
+    options = dict(event.get("options") or {})
     options["preventPersist"] = True
-    if restored:
+    if how == "restored":
         options["preventRelationshipUpdates"] = True
     options.setdefault("preventRelationshipUpdates", False)
     options.setdefault("fromPeer", None)
+    if how == "own":
+        options["own"] = True
+    event = dict(event)
     event["options"] = options
     return event
 
@@ -410,47 +631,79 @@ def _remember(live: Dict[Key, bytes], key: Key, is_set: bool, line: bytes) -> No
 
 # --- the write path ---------------------------------------------------------
 
+# POSIX record locks belong to a process, not to a descriptor: two descriptors
+# of one file in one process do not exclude each other, and closing either
+# drops the process's lock.  So, as SQLite's inode table does, every
+# DiskPersister of one file (by device and inode: any spelling of its path, a
+# symlink or a hard link) in this process shares one lock, and holds it around
+# every lockf and every close of a descriptor of that file.
+_INODE_LOCKS = {}  # type: Dict[Tuple[int, int], List[Any]]  # identity -> [lock, users]
+_INODE_LOCKS_GUARD = threading.Lock()
+
+
+def _share_lock(ident: Tuple[int, int], lock: Any = None) -> Any:
+    """The lock of the file ``ident`` (``lock`` if it has none yet), counting one more user."""
+    with _INODE_LOCKS_GUARD:
+        entry = _INODE_LOCKS.setdefault(ident, [lock or threading.Lock(), 0])
+        entry[1] += 1
+        return entry[0]
+
+
+def _unshare_lock(ident: Tuple[int, int]) -> None:
+    with _INODE_LOCKS_GUARD:
+        entry = _INODE_LOCKS[ident]
+        entry[1] -= 1
+        if not entry[1]:
+            del _INODE_LOCKS[ident]
+
 
 def _write_all(fd: int, data: bytes) -> None:
     """``os.write`` until all of ``data`` is written (a short write is no error)."""
-    view = data  # type: Any
-    while True:
+    view = memoryview(data)
+    while view:
         written = os.write(fd, view)
-        if written == len(view):
-            return
         if written <= 0:
             raise OSError("write made no progress")
-        view = memoryview(view)[written:]
+        view = view[written:]
+
+
+def _append(fd: int, data: bytes) -> Tuple[int, int]:
+    """Append ``data``; returns where it starts and where the file ended after
+    it.  ``end - start > len(data)`` when a short write let another writer's
+    bytes in between.  On failure, what of it reached the file is cut off."""
+    written = os.write(fd, data)  # O_APPEND: the kernel places it at the end, whole
+    end = os.lseek(fd, 0, os.SEEK_CUR)
+    start = end - written
+    try:
+        while written < len(data):  # a short write: a signal, or a full disk
+            step = os.write(fd, data[written:])
+            if step <= 0:
+                raise OSError("write made no progress")
+            written += step
+            end = os.lseek(fd, 0, os.SEEK_CUR)
+    except BaseException:
+        _cut_back(fd, start, data[:written])
+        raise
+    return start, end
 
 
 def _cut_back(fd: int, start: int, data: bytes) -> None:
-    """After a failed append of ``data`` at ``start``: remove what of it reached
-    the file, but only while nothing else was appended after it."""
+    """Remove ``data``, appended at ``start``, while nothing follows it."""
     try:
         size = os.fstat(fd).st_size
-        if start < size <= start + len(data) and os.pread(fd, size - start, start) == data[: size - start]:
+        if size == start + len(data) and os.pread(fd, len(data), start) == data:
             os.ftruncate(fd, start)
             os.fsync(fd)
     except OSError:
-        pass  # the next open's torn-tail repair and never-glue rule still cover it
+        pass  # the next open's torn-tail repair and the never-glue rule still cover it
+
+
+def _nothing(fd: int) -> None:
+    pass
 
 
 def _identity(st: os.stat_result) -> Tuple[int, int]:
     return st.st_dev, st.st_ino
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _ignore(*args: object) -> None:
-    pass
 
 
 def _stat_or_none(path: str) -> Optional[os.stat_result]:
@@ -460,503 +713,647 @@ def _stat_or_none(path: str) -> Optional[os.stat_result]:
         return None
 
 
-class _Queued:
-    """One ``persist`` call's events and their lines, waiting in the
-    group-commit queue; ``next`` is the writer to wake after this one."""
+class _Group:
+    """Events waiting for one write and one fdatasync; whoever takes the
+    file lock first writes them all (see ``DiskPersister._commit``)."""
 
-    __slots__ = ("events", "lines", "data", "wake", "done", "error", "next")
+    __slots__ = ("chunks", "entries", "taken", "error")
 
-    def __init__(self, events: List[Event], lines: List[bytes]) -> None:
-        self.events = events
-        self.lines = lines
-        self.data = b"".join(lines)
-        self.wake = threading.Lock()
-        self.wake.acquire()
-        self.done = False
+    def __init__(self) -> None:
+        self.chunks = []  # type: List[bytes]
+        self.entries = []  # type: List[Entry]
+        self.taken = False
         self.error = None  # type: Optional[BaseException]
-        self.next = None  # type: Optional[_Queued]
-
-
-def _wake(queued: Optional[_Queued]) -> None:
-    if queued is not None:
-        queued.wake.release()
 
 
 class DiskPersister:
     """The event log at ``path``: ``persist`` appends, ``replay`` restores,
-    ``start_watcher`` follows what other programs do to the file, ``compact``
-    rewrites it to its live state.
+    ``start_watcher`` follows the file, ``compact`` rewrites it to its live
+    state.
 
-    Opening creates missing directories (0o700) and the file (0o600),
-    repairs a torn last line and removes temp files a killed compaction left.
-    With ``read_only=True`` nothing is created, repaired, locked or written:
-    the file must exist and ``persist`` raises.  Lines longer than
-    ``max_line_bytes`` are skipped without being read whole.  With
-    ``compact_ratio`` set, ``replay`` first compacts a log over 1 MiB that is
-    at least that many times larger than its live state.  One
-    ``DiskPersister`` per file per process: POSIX locks do not serialize two
-    descriptors of one process.
+    The path is made absolute and its symlinks resolved at open, so that a
+    later ``chdir`` or a symlinked state directory changes nothing.  Opening
+    creates missing directories (0o700) and the file (0o600), makes the log
+    and every directory entry above it durable, repairs a torn last line and
+    removes temp files a killed compaction left.  With ``read_only=True``
+    nothing is created, repaired, locked or written.  ``persist`` refuses an
+    event whose line is longer than ``max_line_bytes``; replay skips such
+    lines without reading them whole.  With ``compact_ratio`` set, ``replay``
+    first compacts a log over 1 MiB that is at least that many times larger
+    than its live state.  ``logger`` is any object with ``warning(msg)`` and
+    ``info(msg)`` (a ``logging.Logger``); without one, nothing is logged.
+    Any number of ``DiskPersister`` objects, threads and processes may share
+    one file.
     """
 
-    def __init__(self, path: str, *, logger: Any = None, read_only: bool = False,
+    def __init__(self, path: Any, *, logger: Any = None, read_only: bool = False,
                  max_line_bytes: int = _DEFAULT_MAX_LINE, compact_ratio: Optional[float] = None) -> None:
-        self.path = path
+        if logger is not None and not all(callable(getattr(logger, m, None)) for m in ("warning", "info")):
+            raise TypeError("logger must have warning() and info() methods")
+        if type(max_line_bytes) is not int or max_line_bytes <= 0:
+            raise ValueError("max_line_bytes must be a positive int")
+        if compact_ratio is not None and not compact_ratio > 1:
+            raise ValueError("compact_ratio must be greater than 1")
+        self.path = os.path.realpath(_fspath(path))
         self.health = PersistHealth()
         self.read_only = read_only
         self.max_line_bytes = max_line_bytes
         self.compact_ratio = compact_ratio
         self._logger = logger
-        self._lock = threading.Lock()  # the file, its descriptors and the watcher's tail
-        self._queue_lock = threading.Lock()  # the group-commit queue only
-        self._queue = []  # type: List[_Queued]
-        self._tail = None  # type: Optional[_Tail]
+        self._notes = []  # type: List[Tuple[str, str]]  # logged once no lock is held
+        self._can_lock = not read_only
+        self._closed = False
+        self._group = None  # type: Optional[_Group]  # the group new events join
+        self._group_lock = threading.Lock()
+        self._end = -1  # where this process's last write ended
+        self._name_synced = True  # whether the log's directory entry is known to be durable
+        # What the watcher has read: up to _pos (None: nothing to follow yet),
+        # whose last line is _last; _pending, read but not yet handed over.
+        self._pos = None  # type: Optional[int]
+        self._last = b""
+        self._pending = []  # type: List[Entry]
+        self._keys = set()  # type: set[Key]  # what the store was given, for the reload's count
         self._watcher = None  # type: Optional[Watcher]
-        self._replaced = []  # type: List[List[Any]]  # [fd, read up to, keep until]
-        self._end = -1  # where this process's last write ended (skips the never-glue read)
-        self._fd = os.open(path, os.O_RDONLY) if read_only else self._open_or_create()  # type: Optional[int]
-        self._ident = _identity(os.fstat(self._fd))  # a descriptor's file never changes: fstat once
-        if not read_only:
-            try:
-                self._locked(self._repair_torn_tail)
-                self._remove_stale_temp_files()
-            except BaseException:
-                os.close(self._fd)
-                raise
+        self._deliver_lock = threading.Lock()
+        self._deliverer = None  # type: Optional[int]
+        self._fd = self._open()
+        self._ident = _identity(os.fstat(self._fd))
+        self._lock = _share_lock(self._ident)  # the file, its descriptor and what the watcher read
+        try:
+            if not read_only:
+                with self._lock:
+                    self._probe_lockf()
+                    self._locked(self._repair_torn_tail)
+                    self._sweep_temp_files()
+                os.fsync(self._fd)  # what a restart replays must be durable before it is relied on
+                _sync_path(self.path)
+        except BaseException:
+            self.close()
+            raise
+        self._flush_notes()
 
     def __enter__(self) -> DiskPersister:
+        self._check_open()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
-        """Stop the watcher, if any, and close the file. Idempotent."""
-        watcher = self._watcher
+        """Stop the watcher, wait for a store call in progress (unless called
+        from it), and close the file.  Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.stop()
+        if self._deliverer != threading.get_ident():
+            with self._deliver_lock:
+                pass
         with self._lock:
-            if self._replaced and self._fd is not None:
-                try:
-                    self._locked(_ignore)  # a last look for late writes to a replaced log
-                except OSError as exc:
-                    self._warn("could not check the replaced log for late writes: %s" % exc)
-            for fd in [self._fd, self._tail.fd if self._tail else None] + [r[0] for r in self._replaced]:
-                if fd is not None:
-                    os.close(fd)
-            self._fd = None
-            self._tail = None
-            self._replaced = []
+            os.close(self._fd)
+            _unshare_lock(self._ident)
+        self._flush_notes()
 
-    def _warn(self, message: str) -> None:
-        _say(self._logger, "warning", "[marshal-persist] %s: %s" % (self.path, message))
+    def _note(self, level: str, message: str) -> None:
+        self._notes.append((level, "[marshal-persist] %s: %s" % (self.path, message)))
 
-    def _info(self, message: str) -> None:
-        _say(self._logger, "info", "[marshal-persist] %s: %s" % (self.path, message))
+    def _flush_notes(self) -> None:
+        """Log what was noted: never while a lock is held, so that a logging
+        handler that persists, or just takes long, blocks nothing."""
+        while self._notes:
+            try:
+                level, message = self._notes.pop(0)
+            except IndexError:
+                return
+            _say(self._logger, level, message)
 
-    def _checked_fd(self) -> int:
-        if self._fd is None:
-            raise ValueError("I/O on a closed DiskPersister")
-        return self._fd
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("I/O operation on a closed DiskPersister")
 
-    def _open_or_create(self) -> int:
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self.read_only:
+            raise ValueError("this DiskPersister is read-only")
+
+    # --- opening ------------------------------------------------------------------
+
+    def _open(self) -> int:
+        if self.read_only:
+            fd = os.open(self.path, os.O_RDONLY)
+            if os.path.isdir(self.path):
+                os.close(fd)
+                raise IsADirectoryError(21, "is a directory, not a log file", self.path)
+            return fd
         _make_dirs(os.path.dirname(self.path))
+        self._adopt_orphan_temp_file()
         try:
             fd = os.open(self.path, _APPEND | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             return os.open(self.path, _APPEND)
         os.fchmod(fd, 0o600)
-        _fsync_dir(os.path.dirname(self.path))
         return fd
 
-    def _remove_stale_temp_files(self) -> None:
-        """Remove ``<log>.<pid>.<thread>.tmp`` files whose process is gone."""
+    def _temp_files(self) -> List[str]:
         folder, name = os.path.split(self.path)
-        for entry in os.listdir(folder or "."):
-            parts = entry[len(name) + 1:].split(".")
-            if entry.startswith(name + ".") and len(parts) == 3 and parts[2] == "tmp" \
-                    and parts[0].isdigit() and not _process_exists(int(parts[0])):
-                os.unlink(os.path.join(folder, entry))
-                self._info("removed %s, left by a compaction that did not finish" % entry)
+        hexdigits = set("0123456789abcdef")
+        return [os.path.join(folder, entry) for entry in os.listdir(folder)
+                if entry.startswith(name + ".") and entry.endswith(".tmp")
+                and len(entry) == len(name) + 21 and set(entry[len(name) + 1:-4]) <= hexdigits]
 
-    # --- the write path -------------------------------------------------------
+    def _adopt_orphan_temp_file(self) -> None:
+        """A log that is missing while a temp file is left: the temp file may
+        be the only copy (a recreation cut short by a power loss), so it
+        becomes the log."""
+        if os.path.lexists(self.path):
+            return
+        for tmp in self._temp_files():
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                return
+            except OSError:
+                continue
+            self._note("warning", "the log was missing; took %s, left by an unfinished write, as the log"
+                       % os.path.basename(tmp))
+            return
 
-    def _lockf(self, fd: int, how: str) -> None:
-        """Lock or unlock the whole file against cooperating processes.
-
-        ``lockf`` counts from the current offset, which an O_APPEND write
-        moves: unlocking seeks back to 0 first, so lock and unlock name one
-        range, and every descriptor is at offset 0 whenever it is unlocked."""
-        if _HAS_LOCKF:
-            if how == "unlock":
-                os.lseek(fd, 0, os.SEEK_SET)
-            os.lockf(fd, os.F_LOCK if how == "lock" else os.F_ULOCK, 0)
-
-    def _locked(self, action: Callable[[int, int], T]) -> T:
-        """``action(fd, size)`` under the ``lockf`` lock of the file the path
-        names now: reopened if it was replaced, recreated if it was deleted.
-        Call with ``self._lock`` held (or before any other thread can run)."""
-        while True:
-            fd = self._checked_fd()
-            self._lockf(fd, "lock")
-            st = _stat_or_none(self.path)
-            if st is not None and _identity(st) == self._ident:
-                break
-            self._lockf(fd, "unlock")
-            new_fd = None
-            if st is None:
-                new_fd = self._write_live(_scan(fd, self.max_line_bytes, _ignore), clobber=False)
-            if new_fd is None:
-                try:
-                    new_fd = os.open(self.path, _APPEND)
-                except FileNotFoundError:
-                    continue
-                self._info("the log was replaced; appending to the new file")
-            os.close(fd)
-            self._switch_to(new_fd)
-        try:
-            if self._replaced:
-                self._carry_over(fd)
-                return action(fd, os.fstat(fd).st_size)
-            return action(fd, st.st_size)
-        finally:
-            self._lockf(fd, "unlock")
-            if fd != self._fd:  # the action swapped in a new file (compaction)
+    def _sweep_temp_files(self) -> None:
+        """Remove temp files that no process is writing (a writer holds a lock
+        on its temp file; this process's own writers hold ``self._lock``)."""
+        for tmp in self._temp_files():
+            try:
+                fd = os.open(tmp, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                _lockf(fd, os.F_TLOCK)
+                os.unlink(tmp)
+                self._note("info", "removed %s, left by a write that did not finish" % os.path.basename(tmp))
+            except OSError:
+                pass  # in use by a live process, or not ours to remove
+            finally:
                 os.close(fd)
 
-    def _switch_to(self, fd: int) -> None:
-        os.lseek(fd, 0, os.SEEK_SET)  # a new file's writes left it at its end
-        self._fd = fd
-        self._end = -1
-        self._ident = _identity(os.fstat(fd))
-
-    def _write_live(self, scan: _Scan, clobber: bool) -> Optional[int]:
-        """Write the live lines of ``scan`` as a new file at the path, atomically
-        and durably: over the log (``clobber``, compaction) or where it was
-        deleted (None if another process recreated it first)."""
-        _make_dirs(os.path.dirname(self.path))
+    def _probe_lockf(self) -> None:
         try:
-            fd = _write_durably(self.path, (line + b"\n" for line in scan.live.values()), clobber)
-        except FileExistsError:
-            return None
-        if not clobber:
-            self._warn("the log was deleted; recreated it with its %d live entities" % len(scan.live))
-        return fd
+            _lockf(self._fd, os.F_LOCK)
+            _lockf(self._fd, os.F_ULOCK)
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKS:
+                raise
+            self._can_lock = False
+            self._note("warning", "the filesystem has no file locks (%s); writers in other "
+                       "processes are not kept apart" % exc.strerror)
 
-    def _repair_torn_tail(self, fd: int, size: int) -> None:
+    # --- following the path -------------------------------------------------------
+
+    def _locked(self, action: Callable[[int], T]) -> T:
+        """``action(fd)`` with ``fd`` the file the path names now, under its
+        ``lockf`` lock: a replaced log is reopened, a deleted one recreated
+        from this descriptor's live state first.  Call with ``self._lock``.
+        A read-only persister takes no lock and waits for a deleted log."""
+        while True:
+            self._check_open()
+            fd = self._fd
+            if self._can_lock:
+                _lockf(fd, os.F_LOCK)
+            try:
+                st = _stat_or_none(self.path)
+                if st is not None and _identity(st) == self._ident:
+                    if not self._name_synced:  # here, so that the sync cannot widen a race with a compactor
+                        _fsync_dir(os.path.dirname(self.path))
+                        self._name_synced = True
+                    return action(fd)
+                new_fd, ours = self._replacement(fd, st)
+                if new_fd is None:
+                    return action(fd)  # read-only, and the log is gone: go on with what it was
+                self._switch_to(new_fd, ours)
+            finally:
+                if self._can_lock:
+                    _lockf(fd, os.F_ULOCK)
+                if fd != self._fd:  # switched to a new file (or compaction did)
+                    os.close(fd)
+                    if self._can_lock:  # one this process wrote comes locked (see _write_durably)
+                        _lockf(self._fd, os.F_ULOCK)
+
+    def _replacement(self, fd: int, st: Optional[os.stat_result]) -> Tuple[Optional[int], bool]:
+        """The descriptor of the file the path names now, and whether this
+        process wrote it (recreating the deleted log from ``fd``)."""
+        if self.read_only:
+            try:
+                return os.open(self.path, os.O_RDONLY), False
+            except FileNotFoundError:
+                return None, False
+        if st is None:
+            _make_dirs(os.path.dirname(self.path))
+            scan = _scan(fd, self.max_line_bytes, lambda *args: None)
+            try:
+                new_fd = self._write_new_log(scan.live.values(), clobber=False, like=os.fstat(fd))
+            except FileExistsError:
+                pass  # another process recreated it first
+            else:
+                self._note("warning", "the log was deleted; recreated it with its %d live entities"
+                           % len(scan.live))
+                return new_fd, True
+        self._note("info", "the log was replaced; following the new file")
+        return os.open(self.path, _APPEND), False
+
+    def _write_new_log(self, lines: Iterable[bytes], clobber: bool, like: os.stat_result) -> int:
+        """A new file at the path holding ``lines``, registered under this
+        object's lock before any other process can open it."""
+        claimed = []  # type: List[Tuple[int, int]]
+
+        def claim(fd: int) -> None:
+            claimed.append(_identity(os.fstat(fd)))
+            _share_lock(claimed[0], self._lock)
+
+        try:
+            return _write_durably(self.path, (line + b"\n" for line in lines), clobber, like, claim)
+        except BaseException:
+            for ident in claimed:
+                _unshare_lock(ident)
+            raise
+
+    def _switch_to(self, fd: int, ours: bool) -> None:
+        """Make ``fd`` the log.  The watcher reads the old file's unread lines
+        first, then the new file from the top, unless this process wrote it
+        (its content is the live state the store is given already)."""
+        old_fd, old_ident = self._fd, self._ident
+        ident = _identity(os.fstat(fd))
+        if not ours:
+            _share_lock(ident, self._lock)
+        if self._pos is not None:
+            if self._watcher is not None:
+                self._read_lines(old_fd, self._pos)
+            else:
+                del self._pending[:]  # nobody follows yet: the reload below supersedes
+        self._fd, self._ident, self._end = fd, ident, -1
+        _unshare_lock(old_ident)
+        if self._pos is not None:
+            if ours:
+                self._pos, self._last = _end_and_last_line(fd)
+            else:
+                self._reload()
+        # The new name must be durable before anything is acknowledged (a file this process wrote
+        # has its name made durable already); synced under the new file's lock, see _locked.
+        self._name_synced = ours or self.read_only
+
+    def _repair_torn_tail(self, fd: int) -> None:
         """A last line without ``\\n``: terminate it if it is a whole event,
         else move it to ``<log>.torn`` and cut it off, so nothing is glued."""
+        size = os.fstat(fd).st_size
         start = _after_last_newline(fd, size)
         if start == size:
             return
         if _last_fragment(fd, start, size, self.max_line_bytes)[1] is not None:
             _write_all(fd, b"\n")
             _datasync(fd)
-            self._info("terminated the unfinished last line at byte %d" % start)
+            self._note("info", "terminated the unfinished last line at byte %d" % start)
             return
-        self._keep_in_torn_file(_read_chunks(fd, start, size))
+        self._keep_in_torn_file(fd, [(start, size - start)])
         os.ftruncate(fd, start)
         os.fsync(fd)
-        self._warn("moved a torn last line (%d bytes at byte %d) to %s.torn"
+        self._note("warning", "moved a torn last line (%d bytes at byte %d) to %s.torn"
                    % (size - start, start, self.path))
 
-    def _keep_in_torn_file(self, chunks: Iterable[bytes]) -> None:
-        """Append bytes the log cannot use, and a ``\\n``, to ``<log>.torn``
-        (0o600), durably, so that nothing is thrown away silently."""
+    def _keep_in_torn_file(self, fd: int, ranges: List[Tuple[int, int]]) -> None:
+        """Append the byte ranges of ``fd`` that the log cannot use to
+        ``<log>.torn`` (0o600), whole, each with a ``\\n``, durably: nothing
+        is thrown away silently."""
         torn = os.open(self.path + ".torn", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.fchmod(torn, 0o600)
-            for chunk in chunks:
-                _write_all(torn, chunk)
-            _write_all(torn, b"\n")
+            for start, length in ranges:
+                for chunk in _read_chunks(fd, start, start + length):
+                    _write_all(torn, chunk)
+                _write_all(torn, b"\n")
             os.fsync(torn)
         finally:
             os.close(torn)
         _fsync_dir(os.path.dirname(self.path))
 
-    def persist(self, event: Event) -> None:
-        """Append ``event`` and return once it is durable; else raise PersistError.
+    def startup_healthcheck(self) -> Optional[str]:
+        """What a server should know before it starts: None when the
+        directory is writable, the log opens for appending and its lock
+        works; else the reason."""
+        try:
+            self._check_writable()
+            if not os.access(os.path.dirname(self.path), os.W_OK):
+                return "the directory %s is not writable" % os.path.dirname(self.path)
+            with self._lock:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND))
+                self._locked(_nothing)
+        except (OSError, ValueError) as exc:
+            return "%s: %s" % (type(exc).__name__, exc)
+        return None
 
-        An invalid event is refused before anything is written.  Concurrent
-        calls share one write and one fsync (group commit)."""
+    # --- persist ------------------------------------------------------------------
+
+    def persist(self, event: Event) -> None:
+        """Append ``event`` and return once it is durable; else raise
+        PersistError.  An invalid event is refused before anything is
+        written.  Concurrent calls share one write and one fdatasync."""
         self._commit([event])
 
     def persist_batch(self, events: Iterable[Event]) -> None:
-        """Append ``events`` with one write and one fsync, in order, and return
-        once all are durable.  If any is invalid, none is written."""
+        """Append ``events`` with one write and one fdatasync, in order, and
+        return once all are durable.  If any is invalid, none is written."""
         self._commit(list(events))
 
     def _commit(self, events: List[Event]) -> None:
-        for _ in events:
-            self.health.record_enqueue()
+        """Group commit: every writer adds its lines to the open group, then
+        takes the file lock; the first to get it while the group is not yet
+        taken writes the whole group, and the others find it done.  A writer
+        never waits for a particular thread, only for the lock, so an
+        exception anywhere (Ctrl-C) cannot leave a writer waiting forever."""
+        self._check_writable()
+        self.health.record_enqueue(len(events))
         try:
-            lines = [_encode_event(event) for event in events]  # outside every lock
+            snapshots = [_snapshot(event) for event in events]
+            lines = [_encode_event(snap, self.max_line_bytes) for snap in snapshots]
         except PersistError as exc:
             for _ in events:
                 self.health.record_dropped(exc.message)
-            self._warn("refused an event: %s" % exc)
             raise
         if not events:
             return
-        try:
-            error = self._write_in_group(_Queued(events, lines))
-        except BaseException as exc:  # interrupted: not known to be durable
-            for _ in events:
-                self.health.record_error("interrupted: %r" % exc)
-            raise
-        if error is not None:
-            failure = PersistError(events[0]["itemType"], "write/fsync: %s" % error)
-            for _ in events:
-                self.health.record_error(failure.message)
-            self._warn(str(failure))
-            raise failure
-        for _ in events:
-            self.health.record_success()
+        with self._group_lock:
+            group = self._group
+            if group is None:
+                group = self._group = _Group()
+            group.chunks.append(b"".join(lines))
+            group.entries += zip(lines, snapshots, ["own"] * len(lines))
+        with self._lock:
+            if not group.taken:
+                self._write_group(group)
+        self._flush_notes()
+        if group.error is not None:
+            raise PersistError(events[0]["itemType"], "write/fsync: %s" % group.error)
+        self._deliver()
 
-    def _write_in_group(self, mine: _Queued) -> Optional[BaseException]:
-        """Group commit: queue ``mine``; the writer at the head of the queue
-        leads, writing everything queued with one write and one fsync while
-        later writers queue behind it, then wakes the next leader and
-        exactly the writers it covered: the first of them, which wakes the
-        second, and so on, so that they do not all fight the next leader for
-        the GIL at once.  A lone writer skips the queue.  Returns the error
-        of this write, if any.
-        """
-        if not self._queue and self._lock.acquire(blocking=False):
-            try:  # nobody to share the write with: the queue would only cost time
-                return self._append([mine])
-            finally:
-                self._lock.release()
-        with self._queue_lock:
-            self._queue.append(mine)
-            leads = len(self._queue) == 1
-        if not leads:
-            try:
-                mine.wake.acquire()  # released once: covered by a leader, or made the leader
-            except BaseException:  # Ctrl-C: finish the hand-off, so that no writer waits forever
-                mine.wake.acquire()
-                if mine.done:
-                    _wake(mine.next)
-                else:  # made the leader: it heads the queue
-                    self._hand_over(1)
+    def _write_group(self, group: _Group) -> None:
+        """Write and sync ``group``; its outcome is in ``group.error``, an
+        interruption until the sync succeeded.  Call with ``self._lock``."""
+        with self._group_lock:
+            group.taken = True
+            self._group = None
+        group.error = KeyboardInterrupt("interrupted before the write was durable")
+        count = len(group.entries)
+        try:
+            self._locked(lambda fd: self._write_and_sync(fd, group))
+        except BaseException as exc:  # Ctrl-C too: the covered writers learn it was not durable
+            group.error = exc
+            for _ in range(count):
+                self.health.record_error("write/fsync: %r" % exc)
+            if not isinstance(exc, (OSError, ValueError)):
                 raise
-            if mine.done:
-                _wake(mine.next)
-                return mine.error
-        group = [mine]
-        error = None  # type: Optional[BaseException]
-        try:
-            with self._lock:
-                error = self._append(group, self._queue)
-        except BaseException as exc:  # even then, the writers behind must not wait forever
-            error = exc
-            raise
-        finally:
-            self._hand_over(len(group))  # first, so the next fsync starts sooner
-            for queued, after in zip(group[1:], group[2:] + [None]):
-                queued.error, queued.done, queued.next = error, True, after
-            _wake(group[1] if len(group) > 1 else None)
-        return error
-
-    def _append(self, group: List[_Queued], queue: Optional[List[_Queued]] = None) -> Optional[Exception]:
-        """Write the lines of ``group`` with one write and one fsync; returns
-        the error, if any.  With ``queue``, ``group`` becomes all of it at the
-        last moment, so that late arrivals join in.  Call with ``self._lock``."""
-
-        def write_group(fd: int, size: int) -> Tuple[int, int, bytes]:
-            if queue is not None:
-                with self._queue_lock:
-                    group[:] = queue
-            return self._write_locked(fd, size, b"".join([queued.data for queued in group]))
-
-        try:
-            if self.read_only:
-                raise ValueError("the log was opened read-only")
-            self._sync_written(*self._locked(write_group))
-        except (OSError, ValueError) as exc:
-            return exc
-        if self._tail is not None:
-            for queued in group:
-                self._tail.learn(queued.events, queued.lines)
-        return None
-
-    def _hand_over(self, count: int) -> None:
-        """Take the ``count`` writers a leader dealt with off the queue and
-        make the next one in line the leader."""
-        with self._queue_lock:
-            del self._queue[:count]
-            next_leader = self._queue[0] if self._queue else None
-        _wake(next_leader)
-
-    def _write_locked(self, fd: int, size: int, data: bytes) -> Tuple[int, int, bytes]:
-        """Append ``data`` to the locked ``fd`` of ``size`` bytes; returns
-        ``(fd, end, data)``, ``data`` as written, for ``_sync_written``."""
-        if size and size != self._end and os.pread(fd, 1, size - 1) != b"\n":
-            data = b"\n" + data  # never glue onto a torn line
-        try:
-            _write_all(fd, data)
-        except OSError:
-            _cut_back(fd, size, data)
-            raise
-        return fd, os.lseek(fd, 0, os.SEEK_CUR), data
-
-    def _sync_written(self, fd: int, end: int, data: bytes, own: bool = True) -> None:
-        """fdatasync what ``_write_locked`` wrote; on failure cut it back off.
-
-        The sync needs no ``lockf``: other processes may write meanwhile."""
-        try:
-            _datasync(fd)
-        except OSError:
-            self._lockf(fd, "lock")
-            try:
-                _cut_back(fd, end - len(data), data)
-            finally:
-                self._lockf(fd, "unlock")
-            raise
-        self._end = end  # the file ends with our newline while its size is this
-        tail = self._tail
-        if tail is None or not own:
-            return
-        if tail.ident == self._ident and end - len(data) == tail.pos and not tail.own:
-            tail.pos = end  # nothing foreign in between: consumed at once
-            tail.last = data[data.rfind(b"\n", 0, len(data) - 1) + 1:]
+            self._note("warning", "could not persist %d events: %s" % (count, exc))
         else:
-            tail.own.append((self._ident, end - len(data), end))
+            group.error = None
+            self.health.record_success_batch(count)
 
-    # --- compaction -------------------------------------------------------------
+    def _write_and_sync(self, fd: int, group: _Group) -> None:
+        """One write and one fdatasync, then the watcher's bookkeeping.
 
-    def compact(self) -> Dict[str, Any]:
+        Never glue: the byte before the line must be a ``\\n``.  That is known
+        after the write, not before it (a writer that does not lock, like the
+        Rust daemon, writes its JSON and its ``\\n`` separately, and may have
+        written only the first): if it is not, the glued line is left for
+        ``.torn``, and a clean copy of the other writer's event (if whole) and
+        of ours follows it."""
+        data = copy = b"".join(group.chunks)
+        start, end = first, _ = _append(fd, copy)
+        rescued = []  # type: List[bytes]
+        try:
+            while end - start != len(copy) or (start and start != self._end
+                                               and os.pread(fd, 1, start - 1) != b"\n"):
+                fragment_start = _after_last_newline(fd, start)
+                fragment, event = _last_fragment(fd, fragment_start, start, self.max_line_bytes)
+                if event is not None:
+                    rescued.append(fragment + b"\n")
+                copy = b"".join(rescued) + data
+                self._note("warning", "a line that another program was writing without a lock at byte "
+                           "%d was cut by this one; wrote both again" % fragment_start)
+                start, end = _append(fd, copy)
+            _datasync(fd)
+        except BaseException:
+            _cut_back(fd, start, copy)
+            raise
+        self._end = end
+        if self._watcher is None:
+            return
+        if copy is not data:  # glued: read it all back, in file order
+            self._read_lines(fd, self._pos)
+            return
+        self._read_lines(fd, self._pos, first)  # other writers' lines before ours
+        self._pending += group.entries
+        self._keys.update(_key(entry[1]) for entry in group.entries)
+        self._pos, self._last = end, data[data.rfind(b"\n", 0, len(data) - 1) + 1:]
+
+    # --- compaction ---------------------------------------------------------------
+
+    def compact(self, force: bool = False) -> Dict[str, Any]:
         """Rewrite the log to its live state, atomically; returns figures.
 
         The live SET lines, as stored, in the file order of their last
         occurrence, go to a temp file that replaces the log (the durable
-        rename recipe), so a crash leaves the old log or the new one.
-        Malformed lines are kept in ``<log>.torn``.  Both locks are held
-        throughout, so no ``DiskPersister`` appends to the old file after it
-        was read; lines appended meanwhile by writers that do not lock are
-        carried over.  This process's watcher goes on without a
-        reload; watchers elsewhere see a new file and reload it.
-        """
-        if self.read_only:
-            raise ValueError("the log was opened read-only")
+        rename recipe) with the log's mode, owner and group.  Malformed and
+        over-long lines are kept whole in ``<log>.torn``.  A log with other
+        hard links is refused, and so is a file that does not look like a
+        log (no valid line, or more malformed lines than valid ones) unless
+        ``force``.  Both locks are held throughout, so every writer that
+        locks waits; lines that writers which do not lock append before the
+        swap are carried over, after everything else."""
+        self._check_writable()
         started = os.times().elapsed
-        with self._lock:
-
-            def rewrite(fd: int, size: int) -> Tuple[_Scan, int]:
-                malformed = []  # type: List[bytes]
-
-                def keep(lineno: int, offset: int, reason: str) -> None:
-                    self._warn_line(lineno, offset, reason)
-                    line = next(iter(_Lines(fd, offset, self.max_line_bytes)))[1]
-                    malformed.append(line if line is not None else b"(a line too long to keep)")
-
-                scan = _scan(fd, self.max_line_bytes, keep)
-                if malformed:
-                    self._keep_in_torn_file([b"\n".join(malformed)])
-                    self._warn("kept %d malformed lines in %s.torn" % (len(malformed), self.path))
-                return scan, self._compact_locked(fd, scan)
-
-            scan, carried = self._locked(rewrite)
-            size_after = os.fstat(self._checked_fd()).st_size
-        figures = {
-            "lines_before": scan.lines, "bytes_before": scan.end,
-            "lines_after": len(scan.live) + carried, "bytes_after": size_after,
-            "live": len(scan.live), "seconds": round(os.times().elapsed - started, 6),
-        }
-        self._info("compacted: %(lines_before)d lines, %(bytes_before)d bytes -> "
+        try:
+            with self._lock:
+                figures = self._locked(lambda fd: self._compact_locked(fd, force))
+        finally:
+            self._flush_notes()
+        figures["seconds"] = round(os.times().elapsed - started, 6)
+        self._note("info", "compacted: %(lines_before)d lines, %(bytes_before)d bytes -> "
                    "%(lines_after)d lines, %(bytes_after)d bytes" % figures)
+        self._flush_notes()
+        self._deliver()
         return figures
 
-    def _compact_locked(self, old_fd: int, scan: _Scan) -> int:
-        tail = self._tail
-        follows = tail is not None and tail.ident == self._ident
-        if tail is not None and follows:
-            # The watcher must still apply what it had not read of the old file.
-            tail.read_appended(self.max_line_bytes, self._warn, stop=scan.end)
-        new_fd = self._write_live(scan, clobber=True)
-        assert new_fd is not None  # os.replace never finds the target in the way
-        live_end, last = _end_and_last_line(new_fd)
-        self._switch_to(new_fd)  # the old descriptor is closed once its lock is released
-        if tail is not None and follows:
-            self._set_tail(_Tail(os.dup(new_fd), live_end, last))
-        self._replaced.append([os.dup(old_fd), scan.end, os.times().elapsed + _LATE_WRITER_SECONDS])
-        return self._carry_over(new_fd)
+    def _compact_locked(self, fd: int, force: bool) -> Dict[str, Any]:
+        st = os.fstat(fd)
+        if st.st_nlink > 1:
+            raise ValueError("%s has %d hard links; compacting would split them (remove the other "
+                             "links first)" % (self.path, st.st_nlink))
+        bad = []  # type: List[Tuple[int, int]]
+        scan = _scan(fd, self.max_line_bytes, lambda lineno, offset, length, reason: bad.append((offset, length)))
+        valid = scan.lines - scan.malformed
+        if not force and scan.lines and (not valid or scan.malformed > valid):
+            raise ValueError("%s does not look like an event log: %d of its %d lines are malformed; "
+                             "compact it anyway with force=True (--force)" % (self.path, scan.malformed, scan.lines))
+        carried = []  # type: List[bytes]
 
-    def _carry_over(self, fd: int) -> int:
-        """Copy lines appended to a log this process replaced, after it was
-        read, into the current log ``fd`` (locked); returns how many.
+        def lines() -> Iterator[bytes]:
+            yield from scan.live.values()
+            # Appended since the scan by writers that do not lock: read at the
+            # last moment, and kept after everything else, so no key is reordered.
+            end = _complete_lines(fd, scan.end, self.max_line_bytes, carried, bad)
+            yield from carried
+            size = os.fstat(fd).st_size
+            if end < size:
+                fragment, event = _last_fragment(fd, end, size, self.max_line_bytes)
+                if event is not None:
+                    carried.append(fragment)
+                    yield fragment
+                else:
+                    bad.append((end, size - end))
+            if bad:  # before the swap: these bytes are in no other file
+                self._keep_in_torn_file(fd, bad)
+                self._note("warning", "kept %d malformed lines in %s.torn" % (len(bad), self.path))
 
-        A writer that does not lock (a shell ``>>``) may have opened the old
-        file just before the swap and write into it just after, so the old
-        file is checked again at every locked operation for a while."""
-        now = os.times().elapsed
-        carried = 0
-        for replaced in list(self._replaced):
-            old_fd, start, deadline = replaced
-            lines = _Lines(old_fd, start, self.max_line_bytes)
-            found = [line + b"\n" for _, line in lines if line is not None]
-            data = b"".join(found)
-            carried += len(found)
-            replaced[1] = lines.end
-            if data:  # foreign lines: the watcher must apply them, so not marked as own
-                self._sync_written(*self._write_locked(fd, os.fstat(fd).st_size, data), own=False)
-                self._info("carried %d bytes written to the replaced log over" % len(data))
-            if now > deadline:
-                os.close(old_fd)
-                self._replaced.remove(replaced)
-        return carried
+        new_fd = self._write_new_log(lines(), clobber=True, like=st)
+        self._switch_to(new_fd, ours=True)
+        return {"lines_before": scan.lines + len(carried), "bytes_before": os.fstat(fd).st_size,
+                "lines_after": len(scan.live) + len(carried), "bytes_after": os.fstat(new_fd).st_size,
+                "live": len(scan.live), "malformed": len(bad)}
 
-    # --- the read path: replay ------------------------------------------------
+    # --- the read path: replay ------------------------------------------------------
 
     def replay(self, apply_batch: ApplyBatch) -> int:
         """Restore the live state: the latest SET of every ``(itemType, id)``
         not deleted since, in the file order of that line, marked
         ``preventPersist`` and ``preventRelationshipUpdates``, handed to
         ``apply_batch`` in one call.  Returns what ``apply_batch`` returned
-        (``None`` counts as all).  Malformed lines are skipped and logged; an
-        exception from ``apply_batch`` propagates.
+        (anything but an int counts as all).  Malformed lines are skipped and
+        logged; an exception from ``apply_batch`` propagates.  A watcher
+        started afterwards goes on from where the replay ended.
         """
-        with self._lock:
-            fd = self._checked_fd()
-            scan = _scan(fd, self.max_line_bytes, self._warn_line)
-            # A copy: persists in other threads update the tail's while this builds the events.
-            self._set_tail(_Tail(os.dup(fd), scan.end, scan.last), inherit=False).known = dict(scan.live)
+        scan = self._replay_scan()
+        events = scan.events()
+        applied = apply_batch(events)
+        return applied if type(applied) is int else len(events)
+
+    def _replay_scan(self) -> _Scan:
+        try:
+            with self._lock:
+                self._locked(_nothing)  # follows a replaced or deleted log
+                scan = _scan(self._fd, self.max_line_bytes, self._skipped)
+                self._pos, self._last, self._keys = scan.end, scan.last, set(scan.live)
+        finally:
+            self._flush_notes()
         if self.compact_ratio is not None and not self.read_only and scan.end > 1 << 20 \
                 and scan.end >= self.compact_ratio * scan.live_bytes():
             self.compact()
-        events = scan.events()
-        self._info("replayed %d lines: %d malformed, %d live" % (scan.lines, scan.malformed, len(events)))
-        applied = apply_batch(events)
-        return len(events) if applied is None else applied
+        self._note("info", "replayed %d lines: %d malformed, %d live" % (scan.lines, scan.malformed, len(scan.live)))
+        self._flush_notes()
+        return scan
 
-    def _warn_line(self, lineno: int, offset: int, reason: str) -> None:
-        self._warn("skipped line %d (byte %d): %s" % (lineno, offset, reason))
+    def _skipped(self, lineno: int, offset: int, length: int, reason: str) -> None:
+        self._note("warning", "skipped line %d (byte %d): %s" % (lineno, offset, reason))
 
-    def _set_tail(self, tail: _Tail, inherit: bool = True) -> _Tail:
-        """Make ``tail`` the watcher's; it ``inherit``s the events read but not
-        yet applied, and the live lines known, of the one it replaces."""
-        old = self._tail
-        if old is not None:
-            os.close(old.fd)
-            if inherit:
-                tail.pending, tail.known = old.pending, old.known
-        self._tail = tail
-        return tail
+    # --- the read path: following ---------------------------------------------------
 
     def start_watcher(self, apply_batch: ApplyBatch, interval: float = 0.15) -> Watcher:
-        """Follow the file from where ``replay`` ended (or from its current end)
-        in a daemon thread; see ``Watcher``."""
+        """Follow the file in a daemon thread, from where ``replay`` ended (or
+        from its current end); see ``Watcher``."""
+        if not interval > 0:
+            raise ValueError("interval must be a positive number of seconds")
+        return self._watch(Watcher(self, apply_batch, interval))
+
+    def _watch(self, watcher: Watcher) -> Watcher:
         with self._lock:
-            fd = self._checked_fd()
+            self._check_open()
             if self._watcher is not None:
                 raise RuntimeError("a watcher is already running for %s" % self.path)
-            if self._tail is None:
-                self._set_tail(_Tail(os.dup(fd), *_end_and_last_line(fd)))
-            self._watcher = Watcher(self, apply_batch, interval)
-        self._watcher._thread.start()
-        return self._watcher
+            if self._pos is None:
+                self._pos, self._last = _end_and_last_line(self._fd)
+            self._watcher = watcher
+            watcher._thread.start()
+        return watcher
+
+    def _poll(self) -> None:
+        """One look at the file: read what was appended, follow a replaced or
+        deleted log, reload one truncated or rewritten in place."""
+        with self._lock:
+            if self._watcher is None or self._pos is None:
+                return
+            self._locked(_nothing)  # follows a replaced or deleted log
+            self._read_changes(self._fd)
+        self._flush_notes()
+        self._deliver()
+
+    def _read_changes(self, fd: int) -> None:
+        pos = self._pos
+        assert pos is not None
+        size = os.fstat(fd).st_size
+        size_of_last = len(self._last)
+        if size < pos or size_of_last and os.pread(fd, size_of_last, pos - size_of_last) != self._last:
+            self._note("warning", "truncated or rewritten in place (was %d bytes, now %d); reloading"
+                       % (pos, size))
+            self._reload()
+        elif size > pos:
+            self._read_lines(fd, pos)
+
+    def _read_lines(self, fd: int, start: Optional[int], stop: Optional[int] = None) -> None:
+        """Queue the events of the complete lines of ``fd`` from ``start`` (to
+        ``stop``) for the store, in file order."""
+        assert start is not None
+        if start == stop:
+            return
+        lines = _Lines(fd, start, self.max_line_bytes, stop)
+        last = None  # type: Optional[bytes]
+        for offset, last in lines:
+            if last is not None and _is_blank(last):
+                continue
+            event, reason = _parse_line(last) if last is not None else (None, "line too long")
+            if event is None:
+                if self._watcher is not None:
+                    self._watcher.malformed += 1
+                self._note("warning", "skipped the line at byte %d: %s" % (offset, reason))
+            else:
+                self._pending.append((last, event, "tailed"))  # type: ignore[arg-type]
+                self._keys.add(_key(event))
+        if lines.end != start:
+            self._pos, self._last = lines.end, (last + b"\n" if last is not None else b"")
+
+    def _reload(self) -> None:
+        """Queue the live entities of the whole file and the DELs it records;
+        entities it no longer mentions stay in the store, as in the Rust."""
+        scan = _scan(self._fd, self.max_line_bytes, self._skipped, deletions=True)
+        assert scan.deleted is not None
+        kept = len(self._keys - set(scan.live) - set(scan.deleted))
+        self._pending += scan.entries()
+        self._keys = set(scan.live)
+        self._pos, self._last = scan.end, scan.last
+        if self._watcher is not None:
+            self._watcher.reloads += 1
+            self._watcher.malformed += scan.malformed
+        self._note("info", "reloaded the log: %d live entities; %d entities it no longer mentions "
+                   "stay in the store" % (len(scan.live), kept))
+
+    def _deliver(self) -> None:
+        """Hand what was read to the store, in file order, one call at a
+        time.  A store call that persists does not call the store again from
+        inside itself: the running delivery hands over what it added."""
+        if not self._pending or self._deliverer == threading.get_ident():
+            return
+        with self._deliver_lock:
+            self._deliverer = threading.get_ident()
+            try:
+                while True:
+                    entries = self._pending[:]  # appended to under self._lock; taken from the front only
+                    del self._pending[:len(entries)]
+                    watcher = self._watcher
+                    if not entries or watcher is None:
+                        return
+                    watcher._deliver(entries)
+            finally:
+                self._deliverer = None
+                self._flush_notes()
 
 
-# --- the read path: lines, scans, tails ---------------------------------------
+# --- the read path: lines, scans --------------------------------------------------
 
 
 def _read_chunks(fd: int, start: int, end: Optional[int] = None) -> Iterator[bytes]:
@@ -972,11 +1369,11 @@ def _read_chunks(fd: int, start: int, end: Optional[int] = None) -> Iterator[byt
 
 class _Lines:
     """Iterate ``(offset, line)`` over the complete lines of ``fd`` from
-    ``start`` (to ``stop``, or to EOF), each without its ``\\n``.  A line
-    longer than ``max_line`` comes as ``(offset, None)`` and is never held
-    whole; an unfinished last line is not yielded.  ``end`` is always just
-    past the last line yielded, so a caller knows exactly what it has
-    consumed even while others append."""
+    ``start`` to ``stop`` (or EOF), each without its ``\\n``.  A line longer than
+    ``max_line`` comes as ``(offset, None)`` and is never held whole; an
+    unfinished last line is not yielded.  ``end`` is always just past the
+    last line yielded, so a caller knows exactly what it has consumed even
+    while others append."""
 
     def __init__(self, fd: int, start: int, max_line: int, stop: Optional[int] = None) -> None:
         self.fd = fd
@@ -1012,6 +1409,19 @@ class _Lines:
             pending_size = len(last)
 
 
+def _complete_lines(fd: int, start: int, max_line: int, out: List[bytes],
+                    too_long: List[Tuple[int, int]]) -> int:
+    """Add the complete lines of ``fd`` from ``start`` to ``out`` (the byte
+    ranges of over-long ones to ``too_long``); returns where they end."""
+    lines = _Lines(fd, start, max_line)
+    for offset, line in lines:
+        if line is None:
+            too_long.append((offset, lines.end - 1 - offset))
+        else:
+            out.append(line)
+    return lines.end
+
+
 def _after_last_newline(fd: int, end: int) -> int:
     """The offset just past the last ``\\n`` before ``end`` (0 if none)."""
     pos = end
@@ -1025,8 +1435,8 @@ def _after_last_newline(fd: int, end: int) -> int:
 
 
 def _last_fragment(fd: int, start: int, end: int, max_line: int) -> Tuple[bytes, Optional[Event]]:
-    """The unterminated last line of ``fd``, ``[start, end)``, and the event
-    it holds if it is whole and only lacks its ``\n`` (else it is torn).  A
+    """The unterminated line ``[start, end)`` of ``fd``, and the event it
+    holds if it is whole and only lacks its ``\\n`` (else it is torn).  A
     fragment longer than ``max_line`` is not read: it counts as torn."""
     if not start < end <= start + max_line:
         return b"", None
@@ -1065,32 +1475,36 @@ class _Scan:
         """The size of a log holding only the live lines."""
         return sum(len(line) + 1 for line in self.live.values())
 
-    def events(self) -> List[Event]:
-        """The live events (then any deletions), parsed again and marked as restored."""
+    def entries(self) -> List[Entry]:
+        """The live lines (then any deletions), parsed again."""
         lines = list(self.live.values())
         if self.deleted:
             lines += self.deleted.values()
-        return [_mark(_parse_line(line)[0], restored=True)  # type: ignore[arg-type]
-                for line in lines]
+        return [(line, _parse_line(line)[0], "restored") for line in lines]  # type: ignore[misc]
+
+    def events(self) -> List[Event]:
+        """The live events, marked as restored."""
+        return [_mark(event, how) for _, event, how in self.entries()]
 
 
-def _scan(fd: int, max_line: int, on_malformed: Callable[[int, int, str], None],
+def _scan(fd: int, max_line: int, on_malformed: Callable[[int, int, int, str], None],
           deletions: bool = False) -> _Scan:
-    """Stream the whole file once, deduplicating as it goes."""
+    """Stream the whole file once, deduplicating as it goes;
+    ``on_malformed(lineno, offset, length, reason)`` hears of each bad line."""
     scan = _Scan(deletions)
     lines = _Lines(fd, 0, max_line)
     line = None  # type: Optional[bytes]
     for lineno, (offset, line) in enumerate(lines, 1):
         if line is None:
             event, reason = None, "longer than %d bytes" % max_line
-        elif not line or line.isspace():
+        elif not line or _is_blank(line):
             continue
         else:
             event, reason = _parse_line(line)
         scan.lines += 1
         if event is None:
             scan.malformed += 1
-            on_malformed(lineno, offset, reason)
+            on_malformed(lineno, offset, lines.end - 1 - offset, reason)
         else:
             scan.keep(event, line)  # type: ignore[arg-type]
     scan.end = lines.end
@@ -1098,86 +1512,31 @@ def _scan(fd: int, max_line: int, on_malformed: Callable[[int, int, str], None],
     return scan
 
 
-class _Tail:
-    """How far the watcher has read one file: up to ``pos``, whose last line
-    was ``last``.  ``own`` lists ``(identity, start, end)`` of this process's
-    appends past ``pos``, which must not be applied again; ``pending`` holds
-    events read on the watcher's behalf (by a compaction) not yet applied.
-    ``known`` is the live line of every entity this process has replayed,
-    written or read since, in the order of their last occurrence: what a
-    log that lost them is given back."""
-
-    __slots__ = ("fd", "ident", "pos", "last", "own", "pending", "known", "missing")
-
-    def __init__(self, fd: int, pos: int, last: bytes) -> None:
-        self.fd = fd
-        self.ident = _identity(os.fstat(fd))
-        self.pos = pos
-        self.last = last
-        self.own = []  # type: List[Tuple[Tuple[int, int], int, int]]
-        self.pending = []  # type: List[Event]
-        self.known = {}  # type: Dict[Key, bytes]
-        self.missing = False
-
-    def learn(self, events: List[Event], lines: List[bytes]) -> None:
-        """Record each event, as its line, as the latest word on its key."""
-        for event, line in zip(events, lines):
-            _remember(self.known, _key(event), event["changeType"] == "SET", line.rstrip(b"\n"))
-
-    def intact(self) -> bool:
-        """Whether the bytes before ``pos`` are still the last line read."""
-        size = len(self.last)
-        return not size or os.pread(self.fd, size, self.pos - size) == self.last
-
-    def read_appended(self, max_line: int, warn: Callable[[str], None], stop: Optional[int] = None) -> int:
-        """Add the foreign events of the complete lines past ``pos`` (up to
-        ``stop``) to ``pending``, in file order; returns how many lines were
-        malformed."""
-        own = [(start, end) for ident, start, end in self.own if ident == self.ident]
-        self.own = []  # every own append ends before the file's last complete line
-        malformed = 0
-        lines = _Lines(self.fd, self.pos, max_line, stop)
-        line = None  # type: Optional[bytes]
-        for offset, line in lines:
-            while own and own[0][1] <= offset:
-                del own[0]
-            if own and own[0][0] <= offset or line is not None and (not line or line.isspace()):
-                continue
-            event, reason = _parse_line(line) if line is not None else (None, "line too long")
-            if event is None:
-                malformed += 1
-                warn("skipped the line at byte %d: %s" % (offset, reason))
-            else:
-                self.learn([event], [line])  # type: ignore[list-item]
-                self.pending.append(_mark(event, restored=False))
-        if lines.end != self.pos:
-            self.pos = lines.end
-            self.last = line + b"\n" if line is not None else b""
-        return malformed
-
-
 # --- the watcher ------------------------------------------------------------
 
 
 class Watcher:
-    """A daemon thread that polls the log every ``interval`` seconds.
+    """A daemon thread that polls the log every ``interval`` seconds and hands
+    the store, through ``apply_batch``, every event in file order.
 
-    * The file grew: complete lines past the last one read are applied in
-      file order (SETs and DELs, marked ``preventPersist``); this process's
-      own appends are skipped; a half-written line waits for its end.
+    * Lines appended by other programs are applied as they come, marked
+      ``preventPersist``; a half-written line waits for its end.
+    * This process's own events reach ``apply_batch`` too, in their place in
+      the file, before ``persist`` returns, marked ``preventPersist`` and
+      ``own``: the store need not (and should not) apply them itself.  So the
+      store ends up holding, for every key, the last line of the file.
     * The file was replaced (new inode): the old file's unread lines are
       applied, then the new file is reloaded from the top: its live entities,
-      then the DELs it records (entities it does not mention are kept).
-    * The file shrank or the last line read changed: reloaded from the top.
-    * After a reload, the live entities this process knows that the file no
-      longer mentions are appended back to it, so the log agrees with the
-      store and a restart loses nothing (not by a read-only persister).
-    * The file was deleted: recreated from the live state read through the
-      still-open descriptor (a read-only persister waits for it to return).
+      then the DELs it records.  The file shrank or the last line read
+      changed: the same reload.  Entities the file no longer mentions stay in
+      the store (as in the Rust); the reload never writes to the file.
+    * The file was deleted: the writer recreates it from the live state of
+      the file it had open (a read-only persister waits for it).
 
-    Nothing kills the thread: a store that raises, a malformed line or an
-    I/O error is logged and counted in ``errors`` or ``malformed``.
-    ``applied`` counts events handed to the store, ``reloads`` full reloads.
+    Nothing kills the thread: a store that raises or returns anything, a
+    malformed line or an I/O error is logged and counted in ``errors`` or
+    ``malformed``.  ``applied`` counts events handed to the store, ``reloads``
+    full reloads.
     """
 
     def __init__(self, persister: DiskPersister, apply_batch: ApplyBatch, interval: float) -> None:
@@ -1202,94 +1561,33 @@ class Watcher:
         return self._thread.is_alive()
 
     def stop(self) -> None:
-        """End the thread; returns within ``interval`` + 1 s. Idempotent."""
+        """End the thread, after the store call it may be making.  Idempotent."""
         self._stopping.set()
-        if self._thread is not threading.current_thread() and self._thread.ident is not None:
-            self._thread.join(self.interval + 1.0)
         p = self._persister
-        if p._watcher is self:
-            p._watcher = None
+        with p._lock:
+            if p._watcher is self:
+                p._watcher = None
+        if self._thread is not threading.current_thread() and self._thread.ident is not None:
+            self._thread.join()
 
     def _run(self) -> None:
         while not self._stopping.wait(self.interval):
-            self._poll()
+            try:
+                self._persister._poll()
+            except Exception as exc:  # I/O errors above all; none may end the thread
+                self.errors += 1
+                self._persister._note("warning", "watcher: %s: %s" % (type(exc).__name__, exc))
+                self._persister._flush_notes()
 
-    def _poll(self) -> None:
-        p = self._persister
-        try:
-            with p._lock:
-                if p._tail is None or self._stopping.is_set():
-                    return
-                if p._replaced:
-                    p._locked(_ignore)  # carries late writes to a replaced log over
-                events = self._read_changes(p, p._tail)
-        except Exception as exc:  # I/O errors above all; none may end the thread
-            self.errors += 1
-            p._warn("watcher: %s: %s" % (type(exc).__name__, exc))
-            return
-        if not events:
-            return
+    def _deliver(self, entries: List[Entry]) -> None:
+        events = [_mark(event, how) for _, event, how in entries]
         try:
             applied = self._apply_batch(events)
-        except Exception as exc:  # the store's failure must not kill the thread
+        except Exception as exc:  # the store's failure must not end the thread or fail a persist
             self.errors += 1
-            p._warn("watcher: apply_batch failed on %d events: %r" % (len(events), exc))
+            self._persister._note("warning", "watcher: apply_batch failed on %d events: %r" % (len(events), exc))
             return
-        self.applied += len(events) if applied is None else applied
-
-    def _read_changes(self, p: DiskPersister, tail: _Tail) -> List[Event]:
-        st = _stat_or_none(p.path)
-        if st is not None and _identity(st) == tail.ident:
-            if st.st_size < tail.pos or not tail.intact():
-                p._warn("truncated or rewritten in place (was %d bytes, now %d); reloading"
-                        % (tail.pos, st.st_size))
-                self._reload(p, tail)
-            elif st.st_size > tail.pos:
-                self.malformed += tail.read_appended(p.max_line_bytes, p._warn)
-        else:
-            self.malformed += tail.read_appended(p.max_line_bytes, p._warn)  # the old file's rest
-            tail = self._follow_path(p, tail, st)
-        events, tail.pending = tail.pending, []
-        return events
-
-    def _follow_path(self, p: DiskPersister, tail: _Tail, st: Optional[os.stat_result]) -> _Tail:
-        """The path no longer names the file read so far: recreate a deleted
-        log, or reload the new file from the top; returns the tail to use."""
-        if st is None and p.read_only:
-            if not tail.missing:
-                p._warn("the log was deleted; waiting for it to come back")
-            tail.missing = True
-            return tail
-        if st is None:
-            new_fd = p._write_live(_scan(tail.fd, p.max_line_bytes, _ignore), clobber=False)
-            if new_fd is not None:  # the store has all of it already: no reload
-                return p._set_tail(_Tail(new_fd, *_end_and_last_line(new_fd)))
-        try:
-            new_fd = os.open(p.path, os.O_RDONLY)
-        except FileNotFoundError:
-            return tail  # gone again; the next tick sees to it
-        p._warn("the log was replaced; reloading it from the top")
-        new = p._set_tail(_Tail(new_fd, 0, b""))
-        self._reload(p, new)
-        return new
-
-    def _reload(self, p: DiskPersister, tail: _Tail) -> None:
-        self.reloads += 1
-        # Deletions too: a DEL that landed before the reload would otherwise be missed.
-        scan = _scan(tail.fd, p.max_line_bytes, p._warn_line, deletions=True)
-        self.malformed += scan.malformed
-        tail.pos, tail.last, tail.own, tail.missing = scan.end, scan.last, [], False
-        tail.pending += scan.events()
-        lost = [(key, line) for key, line in tail.known.items()
-                if key not in scan.live and key not in scan.deleted]  # type: ignore[operator]
-        tail.known = dict(scan.live)
-        if lost and not p.read_only:
-            # The store keeps what the file no longer has (as the Rust does); so
-            # that a restart agrees with it and loses nothing, the log gets it back.
-            data = b"".join(line + b"\n" for _, line in lost)
-            p._sync_written(*p._locked(lambda fd, size: p._write_locked(fd, size, data)))
-            tail.known.update(lost)
-            p._warn("gave the log back %d live entities it no longer had" % len(lost))
+        self.applied += applied if type(applied) is int else len(events)
 
 
 # --- MemoryStore --------------------------------------------------------------
@@ -1335,8 +1633,35 @@ class MemoryStore:
 # --- the command line ---------------------------------------------------------
 
 
-class _StreamLogger:
-    """A logger that writes each message as a line to a text stream."""
+class _OutputError(Exception):
+    """Standard output could not be written (not the log's fault)."""
+
+
+class _Output:
+    """Standard output, whose write errors are told apart from the log's."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _OutputError(exc.strerror or str(exc)) from None
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _OutputError(exc.strerror or str(exc)) from None
+
+
+class _WarningsTo:
+    """A logger that writes warnings, one a line, to a text stream."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
@@ -1345,33 +1670,28 @@ class _StreamLogger:
         self.stream.write(message + "\n")
         self.stream.flush()
 
-    info = warning
+    def info(self, message: str) -> None:
+        pass
 
 
-def _open_for_reading(path: str) -> int:
-    """A read-only descriptor of the log; OSError with a clear strerror otherwise."""
-    fd = os.open(path, os.O_RDONLY)
-    if os.path.isdir(path):
-        os.close(fd)
-        raise IsADirectoryError(21, "is a directory, not a log file")
-    return fd
+def _plural(count: int, word: str) -> str:
+    return "%d %s%s" % (count, word, "" if count == 1 else "es" if word.endswith("s") else "s")
 
 
-def _read_log(path: str, on_malformed: Callable[[int, int, str], None]) -> Tuple[_Scan, str]:
+def _read_log(path: str, on_malformed: Callable[[int, int, int, str], None]) -> Tuple[_Scan, str]:
     """Scan the log read-only, as a writer would see it after its torn-tail
     repair; the second value describes an unterminated last line, if any."""
-    fd = _open_for_reading(path)
-    try:
+    with DiskPersister(path, read_only=True) as reader:
+        fd = reader._fd
         scan = _scan(fd, _DEFAULT_MAX_LINE, on_malformed)
-        size = os.fstat(fd).st_size - scan.end
-        fragment, event = _last_fragment(fd, scan.end, scan.end + size, _DEFAULT_MAX_LINE)
-    finally:
-        os.close(fd)
-    if not size:
+        size = os.fstat(fd).st_size
+        fragment, event = _last_fragment(fd, scan.end, size, _DEFAULT_MAX_LINE)
+    if size == scan.end:
         return scan, ""
     if event is None:
-        return scan, "torn tail at byte %d: %d bytes of an unfinished write" % (scan.end, size)
+        return scan, "torn tail at byte %d: %d bytes of an unfinished write" % (scan.end, size - scan.end)
     scan.keep(event, fragment)
+    scan.lines += 1
     return scan, "the last line (byte %d) is a whole event without its newline" % scan.end
 
 
@@ -1382,8 +1702,8 @@ def _count_by_type(keys: Iterable[Key]) -> Dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _cli_replay(args: Any, out: Any, err: Any) -> int:
-    scan, tail_note = _read_log(args.path, _ignore)
+def _cli_replay(args: Any, out: _Output, err: Any) -> int:
+    scan, tail_note = _read_log(args.path, lambda *_: None)
     keys = [key for key in scan.live if args.type is None or key[0] == args.type]
     counts = _count_by_type(keys)
     if args.summary:
@@ -1392,122 +1712,215 @@ def _cli_replay(args: Any, out: Any, err: Any) -> int:
         return 0
     for key in keys:
         out.write(scan.live[key].decode("utf-8") + "\n")
+    out.flush()
     per_type = ", ".join("%s %d" % pair for pair in counts.items())
-    err.write("%s: %d lines, %d malformed, %d live%s\n" % (
-        args.path, scan.lines, scan.malformed, len(keys), " (%s)" % per_type if per_type else ""))
+    err.write("%s: %s, %d malformed, %d live%s\n" % (
+        args.path, _plural(scan.lines, "line"), scan.malformed, len(keys), " (%s)" % per_type if per_type else ""))
     if tail_note:
         err.write("note: %s\n" % tail_note)
     return 0
 
 
-def _cli_check(args: Any, out: Any, err: Any) -> int:
-    def report(lineno: int, offset: int, reason: str) -> None:
-        out.write("line %d (byte %d): %s\n" % (lineno, offset, reason))
-
-    scan, tail_note = _read_log(args.path, report)
+def _cli_check(args: Any, out: _Output, err: Any) -> int:
+    problems = []  # type: List[str]
+    scan, tail_note = _read_log(args.path, lambda lineno, offset, length, reason: problems.append(
+        "line %d (byte %d): %s\n" % (lineno, offset, reason)))
     torn = tail_note.startswith("torn")
+    status = 1 if scan.malformed or torn else 0
+    args.status = status  # what a closed pipe still reports
+    for problem in problems:
+        out.write(problem)
     if tail_note:
         out.write(tail_note + "\n")
-    verdict = "problems found" if scan.malformed or torn else "clean"
-    out.write("%s: %d lines, %d malformed%s: %s\n" % (
-        args.path, scan.lines, scan.malformed, ", torn tail" if torn else "", verdict))
-    return 1 if scan.malformed or torn else 0
+    out.write("%s: %s, %d malformed%s: %s\n" % (args.path, _plural(scan.lines, "line"), scan.malformed,
+                                               ", torn tail" if torn else "", "problems found" if status else "clean"))
+    return status
 
 
-def _cli_follow(args: Any, out: Any, err: Any) -> int:
-    def show(events: List[Event]) -> int:
-        for event in events:
-            if args.type is None or event["itemType"] == args.type:
-                out.write(_ENCODER.encode(event) + "\n")
-        out.flush()
-        return len(events)
+class _LineWatcher(Watcher):
+    """Hands the store nothing: prints each line as stored, for ``follow``."""
 
-    with DiskPersister(args.path, logger=_StreamLogger(err), read_only=True) as persister:
-        live = persister.replay(len)
-        err.write("%s: %d live entities; following (Ctrl-C to stop)\n" % (args.path, live))
+    def __init__(self, persister: DiskPersister, out: _Output, item_type: Optional[str], interval: float) -> None:
+        super().__init__(persister, len, interval)
+        self.out = out
+        self.item_type = item_type
+        self.failure = None  # type: Optional[BaseException]
+
+    def _deliver(self, entries: List[Entry]) -> None:
+        if self.failure is not None:
+            return
+        try:
+            for line, event, _ in entries:
+                if self.item_type is None or event["itemType"] == self.item_type:
+                    self.out.write(line.rstrip(b"\n").decode("utf-8") + "\n")
+            self.out.flush()
+        except (OSError, _OutputError) as exc:  # a closed pipe above all: the command ends
+            self.failure = exc
+            self._stopping.set()
+
+
+def _cli_follow(args: Any, out: _Output, err: Any) -> int:
+    with DiskPersister(args.path, logger=_WarningsTo(err), read_only=True) as persister:
+        scan = persister._replay_scan()
+        if not args.changes_only:
+            for key, line in scan.live.items():
+                if args.type is None or key[0] == args.type:
+                    out.write(line.decode("utf-8") + "\n")
+            out.flush()
+        err.write("%s: %d live; following (Ctrl-C to stop)\n" % (args.path, len(scan.live)))
         err.flush()
-        watcher = persister.start_watcher(show, interval=args.interval)
+        watcher = _LineWatcher(persister, out, args.type, args.interval)
+        persister._watch(watcher)
         try:
             while watcher.is_alive():
-                threading.Event().wait(0.5)
-        except KeyboardInterrupt:
-            pass
+                watcher._thread.join(0.5)
+        except KeyboardInterrupt:  # the way to stop it
+            return 0
+        if isinstance(watcher.failure, Exception):
+            raise watcher.failure
     return 0
 
 
-def _cli_compact(args: Any, out: Any, err: Any) -> int:
+def _cli_compact(args: Any, out: _Output, err: Any) -> int:
     if args.dry_run:
-        scan, _ = _read_log(args.path, _ignore)
-        out.write("%s: would compact %d lines, %d bytes -> %d lines, %d bytes (dry run: nothing changed)\n"
-                  % (args.path, scan.lines, scan.end, len(scan.live), scan.live_bytes()))
+        scan, _ = _read_log(args.path, lambda *_: None)
+        out.write("%s: would compact %s, %d bytes -> %s, %d bytes (dry run: nothing changed)\n"
+                  % (args.path, _plural(scan.lines, "line"), scan.end, _plural(len(scan.live), "line"),
+                     scan.live_bytes()))
         return 0
-    os.close(_open_for_reading(args.path))  # never create the log it was asked to compact
-    with DiskPersister(args.path, logger=_StreamLogger(err)) as persister:
-        figures = persister.compact()
-    out.write("%s: %d lines, %d bytes -> %d lines, %d bytes in %.3f s\n" % (
-        args.path, figures["lines_before"], figures["bytes_before"], figures["lines_after"],
-        figures["bytes_after"], figures["seconds"]))
+    os.close(os.open(args.path, os.O_RDONLY))  # never create the log it was asked to compact
+    if os.path.isdir(args.path):
+        raise IsADirectoryError(21, "is a directory, not a log file", args.path)
+    with DiskPersister(args.path, logger=_WarningsTo(err)) as persister:
+        figures = persister.compact(force=args.force)
+    out.write("%s: %s, %d bytes -> %s, %d bytes in %.3f s\n" % (
+        args.path, _plural(figures["lines_before"], "line"), figures["bytes_before"],
+        _plural(figures["lines_after"], "line"), figures["bytes_after"], figures["seconds"]))
     return 0
+
+
+def _cli_append(args: Any, out: _Output, err: Any) -> int:
+    import sys
+
+    texts = [args.event] if args.event is not None else sys.stdin.read().splitlines()
+    events = []  # type: List[Event]
+    for number, text in enumerate(texts, 1):
+        if not text.strip():
+            continue
+        where = "the event" if args.event is not None else "input line %d" % number
+        try:
+            event = json.loads(text)
+        except ValueError as exc:
+            raise _BadInput("%s is not JSON: %s" % (where, exc)) from None
+        try:
+            _encode_event(_snapshot(event), _DEFAULT_MAX_LINE)
+        except PersistError as exc:
+            raise _BadInput("%s: %s" % (where, exc.message)) from None
+        events.append(event)
+    with DiskPersister(args.path, logger=_WarningsTo(err)) as persister:
+        persister.persist_batch(events)
+    out.write("appended %s to %s\n" % (_plural(len(events), "event"), args.path))
+    return 0
+
+
+class _BadInput(Exception):
+    """What ``append`` was given is not an event."""
+
+
+def _positive_seconds(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("must be a positive number of seconds, not %r" % text)
+    return value
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """The command line: ``marshal-persist replay|check|follow|compact [PATH]``.
+    """The command line: ``marshal-persist replay|check|follow|compact|append [PATH]``.
 
     Returns the exit status: 0 done (``check``: clean), 1 ``check`` found
-    problems, 2 the log could not be read (or compacted)."""
+    problems, 2 the log could not be read or written, or bad input."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(
         prog="marshal-persist",
-        description="Inspect or compact a marshal events.jsonl log. replay, check and follow only "
-                    "read: they never create, repair or lock the file. PATH defaults to %s."
-                    % default_log_path())
-    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+        description="Inspect, compact or append to a marshal events.jsonl log. replay, check and "
+                    "follow only read: they never create, repair or lock the file. PATH defaults "
+                    "to %s." % default_log_path())
+    parser.add_argument("-V", "--version", action="version", version="%(prog)s " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    replay = commands.add_parser(
+    sub = {}  # type: Dict[str, argparse.ArgumentParser]
+    sub["replay"] = commands.add_parser(
         "replay", help="print the live entities as JSONL",
         description="Print the live entities (the surviving SET lines, as stored) as JSONL on "
                     "stdout and a summary (lines, malformed, live per itemType) on stderr.")
-    replay.add_argument("--summary", action="store_true",
-                        help="print only the live count per itemType, one 'TYPE<TAB>N' a line")
-    check = commands.add_parser(
+    sub["replay"].add_argument("--summary", action="store_true",
+                               help="print only the live count per itemType, one 'TYPE<TAB>N' a line")
+    sub["check"] = commands.add_parser(
         "check", help="list malformed lines and a torn tail",
         description="List every malformed line (number, byte offset, reason) and a torn last "
                     "line. Exit 1 when it found any, 0 when the log is clean.")
-    follow = commands.add_parser(
-        "follow", help="print each event the watcher applies",
-        description="Replay, then print as JSONL each event the watcher applies (appends, and "
-                    "every live entity again after a replacement or truncation) until Ctrl-C.")
-    follow.add_argument("--interval", type=float, default=0.15, metavar="SECONDS",
-                        help="how often to poll the file (default: 0.15)")
-    compact = commands.add_parser(
+    sub["follow"] = commands.add_parser(
+        "follow", help="print the live entities, then every change",
+        description="Print the live entities (as replay does), then every line appended to the "
+                    "log, as stored, until Ctrl-C; after the log is replaced or truncated, its "
+                    "live entities and recorded deletions again.")
+    sub["follow"].add_argument("--changes-only", action="store_true", help="skip the live entities")
+    sub["follow"].add_argument("--interval", type=_positive_seconds, default=0.15, metavar="SECONDS",
+                               help="how often to poll the file (default: 0.15)")
+    sub["compact"] = commands.add_parser(
         "compact", help="rewrite the log to its live state",
         description="Rewrite the log to its live entities and print lines and bytes before and "
-                    "after. Atomic: a crash leaves the old log or the new one. Safe against any "
-                    "DiskPersister and any appender that writes whole lines; stop a program that "
-                    "holds the file open without locking it (such as the Rust marshal-daemon) first.")
-    compact.add_argument("--dry-run", action="store_true",
-                         help="print what it would do and change nothing")
-    for sub in (replay, check, follow, compact):
-        sub.add_argument("path", nargs="?", metavar="PATH", help="the log")
-    for sub in (replay, follow):
-        sub.add_argument("--type", metavar="T", help="only entities whose itemType is T")
-    args = parser.parse_args(argv)
+                    "after. Atomic: a crash leaves the old log or the new one. Malformed lines go "
+                    "to PATH.torn. Safe beside any program that writes through marshal-persist; "
+                    "stop programs that append without its lock (the Rust marshal-daemon, a "
+                    "shell >>) first: what they write during the swap can be lost.")
+    sub["compact"].add_argument("--dry-run", action="store_true", help="print what it would do and change nothing")
+    sub["compact"].add_argument("--force", action="store_true",
+                                help="compact even a file that does not look like an event log")
+    sub["append"] = commands.add_parser(
+        "append", help="append events read from stdin (JSON lines), durably",
+        description="Validate events given as JSON lines on stdin (or one with --event) and "
+                    "append them with the log's lock and an fsync; print how many. Any invalid "
+                    "event: exit 2 and nothing is written. Use it instead of `echo ... >> log`, "
+                    "which can be lost to a compaction.")
+    sub["append"].add_argument("--event", "-e", metavar="JSON", help="append this one event instead of reading stdin")
+    for command in sub.values():
+        command.add_argument("path", nargs="?", metavar="PATH", help="the log")
+    for name in ("replay", "follow"):
+        sub[name].add_argument("--type", metavar="T", help="only entities whose itemType is T")
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub[args.command].error("unrecognized arguments: %s" % " ".join(extra))
     args.path = args.path or default_log_path()
+    args.status = 0
     run = {"replay": _cli_replay, "check": _cli_check, "follow": _cli_follow,
-           "compact": _cli_compact}[args.command]
+           "compact": _cli_compact, "append": _cli_append}[args.command]
+    out = _Output(sys.stdout)
     try:
-        return run(args, sys.stdout, sys.stderr)
+        status = run(args, out, sys.stderr)
+        out.flush()
+        return status
     except BrokenPipeError:  # a reader such as `head` went away: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return int(args.status)
+    except _OutputError as exc:
+        sys.stderr.write("marshal-persist: cannot write the output: %s\n" % exc)
+    except _BadInput as exc:
+        sys.stderr.write("marshal-persist: %s\n" % exc)
+    except (ValueError, PersistError) as exc:
+        sys.stderr.write("marshal-persist: %s\n" % exc)
     except OSError as exc:
-        sys.stderr.write("marshal-persist: %s: %s\n" % (args.path, exc.strerror or exc))
-        return 2
+        sys.stderr.write("marshal-persist: %s: %s\n" % (exc.filename or args.path, exc.strerror or exc))
     except KeyboardInterrupt:
         return 130
+    return 2
 
 
 if __name__ == "__main__":
