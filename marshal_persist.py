@@ -104,7 +104,7 @@ class PersistHealth:
         self.total_dropped = 0
         self.consecutive_errors = 0
         self.last_error = None  # type: Optional[str]
-        self._recent = []  # type: List[Tuple[float, int]]  # (time, events persisted) of the last second
+        self._recent = []  # type: List[List[int]]  # [tenth of a second, events persisted then], the last 10
 
     @property
     def healthy(self) -> bool:
@@ -122,14 +122,17 @@ class PersistHealth:
 
     def record_success_batch(self, count: int) -> None:
         """``count`` events are durable; a success clears the last error."""
-        now = os.times().elapsed
+        tick = int(os.times().elapsed * 10)
         with self._lock:
             self.queued -= count
             self.total_persisted += count
             if self.consecutive_errors:
                 self.consecutive_errors = 0
                 self.last_error = None
-            self._recent = [r for r in self._recent if r[0] > now - 1.0] + [(now, count)]
+            if self._recent and self._recent[-1][0] == tick:
+                self._recent[-1][1] += count
+            else:
+                self._recent = [r for r in self._recent if r[0] > tick - 10] + [[tick, count]]
 
     def record_error(self, message: str, dequeue: bool = True) -> None:
         """A write or sync failed."""
@@ -151,9 +154,9 @@ class PersistHealth:
 
     def writes_per_second(self) -> float:
         """Events persisted in the last second."""
-        now = os.times().elapsed
+        tick = int(os.times().elapsed * 10)
         with self._lock:
-            return float(sum(count for when, count in self._recent if when > now - 1.0))
+            return float(sum(count for when, count in self._recent if when > tick - 10))
 
     def as_dict(self) -> Dict[str, Any]:
         """A consistent snapshot of every counter, plus ``healthy``."""
@@ -310,9 +313,11 @@ def _datasync(fd: int) -> None:
 
 def _lockf(fd: int, op: int) -> None:
     """``lockf`` of the whole file.  It counts from the current offset, which
-    an O_APPEND write moves: every lock and unlock is made at offset 0, so
-    that both name one range."""
-    os.lseek(fd, 0, os.SEEK_SET)
+    an O_APPEND write moves: unlocking seeks back to 0 first, so that every
+    descriptor is at offset 0 whenever it is unlocked, and lock and unlock
+    name one range."""
+    if op == os.F_ULOCK:
+        os.lseek(fd, 0, os.SEEK_SET)
     os.lockf(fd, op, 0)
 
 
@@ -397,99 +402,30 @@ def _take_mode_and_owner(fd: int, like: Optional[os.stat_result], path: str) -> 
 # --- encoding and validation ------------------------------------------------
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError("%s is not JSON (the Rust reader rejects it)" % name)
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
+def _out_of_range(value: float) -> float:
     if value in (float("inf"), float("-inf")):
         raise ValueError("number out of range (the Rust reader rejects it)")
     return value
 
 
-def _f64_int(text: str) -> int:
-    if float(text) in (float("inf"), float("-inf")):
-        raise ValueError("number out of range (the Rust reader rejects it)")
-    return int(text)
-
-
-_DIGITS_AS_ZEROS = bytes.maketrans(b"123456789", b"000000000")
-_F64_DIGITS = 309  # an integer of fewer digits is within f64's range
-
-
-def _huge_number(line: bytes) -> bool:
-    """Whether ``line`` holds an integer beyond f64's range (the Rust reader
-    rejects it).  Only a line with a run of 309 digits can: the rest is
-    spared a second, slower parse."""
-    if len(line) < _F64_DIGITS or b"0" * _F64_DIGITS not in line.translate(_DIGITS_AS_ZEROS):
-        return False
-    try:
-        _STRICT_DECODER.decode(line.decode("utf-8"))
-    except ValueError:
-        return True
-    return False
+def _reject_constant(name: str) -> Any:
+    raise ValueError("%s is not JSON (the Rust reader rejects it)" % name)
 
 
 _MAX_DEPTH = 127  # serde_json's recursion limit: the Rust reader rejects deeper JSON
 _TOO_DEEP = "nesting too deep: more than %d levels (the Rust reader's limit)" % _MAX_DEPTH
-_HUGE = "number out of range (the Rust reader rejects it)"
+_F64_DIGITS = 309  # an integer with fewer digits is within f64's range
+_DIGITS_AS_ZEROS = bytes.maketrans(b"123456789", b"000000000")
 # Unicode White_Space, which Rust's str::trim removes: a line of only these is blank.
 _WHITESPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006" \
               "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
-_STRICT_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float,
-                                   parse_int=_f64_int)
-_OPTION_FLAGS = ("preventRelationshipUpdates", "preventPersist")
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=lambda t: _out_of_range(float(t)))
+_SCAN = _DECODER.scan_once  # type: ignore[attr-defined]  # the C scanner behind decode(), minus two regexes
+_CHECKING_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_DECODER.parse_float,
+                                     parse_int=lambda t: _out_of_range(float(t)) and int(t))
 _KNOWN_KEYS = {"item", "changeType", "itemType", "createdAt", "tx", "sourceId", "options"}
 _OPTION_KEYS = {"preventRelationshipUpdates", "preventPersist", "fromPeer"}
-
-
-def _too_deep(line: bytes, value: Any) -> bool:
-    """Whether ``value`` (parsed from or encoded as ``line``) nests deeper than
-    the Rust reader allows; counting brackets first keeps the common case cheap."""
-    if line.count(b"{") + line.count(b"[") <= _MAX_DEPTH:
-        return False
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > _MAX_DEPTH:
-            return True
-        children = node.values() if type(node) is dict else node if type(node) is list else ()
-        stack.extend((child, depth + 1) for child in children if type(child) in (dict, list))
-    return False
-
-
-def _duplicate_key(line: bytes, event: Event) -> Optional[str]:
-    """A known key that ``line`` repeats (the Rust reader rejects the line;
-    a dict keeps only the last).  Each key ends in ``":``, which a string can
-    hold only after a backslash: when the line has no more of them than the
-    parsed objects have keys, nothing repeats, and nothing costly is done."""
-    item, options = event["item"], event.get("options")
-    if line.count(b'":') <= len(event) + len(item) + (len(options) if type(options) is dict else 0):
-        return None
-    repeated = []  # type: List[str]
-
-    def pairs(found: List[Tuple[str, Any]]) -> Dict[str, Any]:
-        keys = [key for key, _ in found]
-        known = _OPTION_KEYS if "item" not in keys else _KNOWN_KEYS
-        repeated.extend(key for key in set(keys) if keys.count(key) > 1 and key in known)
-        return dict(found)
-
-    json.JSONDecoder(object_pairs_hook=pairs).decode(line.decode("utf-8"))
-    return repeated[0] if repeated else None
-
-
-def _lone_surrogate(line: bytes, event: Event) -> bool:
-    """Whether a ``\\u`` escape in ``line`` left half a surrogate pair."""
-    if b"\\u" not in line:
-        return False
-    try:
-        json.dumps(event, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def _event_problem(event: Any) -> Optional[str]:
@@ -515,11 +451,53 @@ def _event_problem(event: Any) -> Optional[str]:
     if options is not None:
         if type(options) is not dict:
             return "options is not an object"
-        for flag in _OPTION_FLAGS:
+        for flag in ("preventRelationshipUpdates", "preventPersist"):
             if flag in options and type(options[flag]) is not bool:
                 return "options.%s is not a boolean" % flag
         if options.get("fromPeer") is not None and type(options["fromPeer"]) is not bool:
             return "options.fromPeer is not a boolean or null"
+    return None
+
+
+def _line_problem(line: bytes, event: Event) -> Optional[str]:
+    """What the Rust reader rejects in a line that Python's json accepts:
+    nesting over 127 levels, an integer beyond f64, a lone surrogate, a
+    known key twice.  Cheap tests on the bytes come first: only a line of
+    256 bytes can nest 128 levels, only one with a run of 309 digits holds
+    such an integer, and each key ends in ``":``, which a string can hold
+    only after a backslash, so a line with no more of them than its objects
+    have keys repeats none."""
+    if len(line) >= 2 * (_MAX_DEPTH + 1) and line.count(b"{") + line.count(b"[") > _MAX_DEPTH:
+        stack = [(event, 1)]  # type: List[Tuple[Any, int]]
+        while stack:
+            node, depth = stack.pop()
+            if depth > _MAX_DEPTH:
+                return _TOO_DEEP
+            children = node.values() if type(node) is dict else node if type(node) is list else ()
+            stack.extend((child, depth + 1) for child in children if type(child) in (dict, list))
+    if len(line) >= _F64_DIGITS and b"0" * _F64_DIGITS in line.translate(_DIGITS_AS_ZEROS):
+        try:
+            _CHECKING_DECODER.decode(line.decode("utf-8"))
+        except ValueError as exc:
+            return str(exc)
+    if b"\\u" in line:
+        try:
+            _ENCODER.encode(event).encode("utf-8")
+        except UnicodeEncodeError:
+            return "a \\u escape is half a surrogate pair"
+    options = event.get("options")
+    if line.count(b'":') > len(event) + len(event["item"]) + (len(options) if type(options) is dict else 0):
+        repeated = []  # type: List[str]
+
+        def pairs(found: List[Tuple[str, Any]]) -> Dict[str, Any]:
+            keys = [key for key, _ in found]
+            known = _KNOWN_KEYS if "item" in keys else _OPTION_KEYS
+            repeated.extend(key for key in keys if keys.count(key) > 1 and key in known)
+            return dict(found)
+
+        json.JSONDecoder(object_pairs_hook=pairs).decode(line.decode("utf-8"))
+        if repeated:
+            return "the key %s appears twice" % repeated[0]
     return None
 
 
@@ -536,7 +514,7 @@ def _snapshot(event: Any) -> Any:
 
 
 def _encode_event(event: Any, max_line: int) -> bytes:
-    """The line of an event (a snapshot), ``\\n`` included; raises
+    """The line of an event (a snapshot), ``\n`` included; raises
     PersistError if the Rust reader or replay would not take it back."""
     problem = _event_problem(event)
     if problem is None:
@@ -545,44 +523,38 @@ def _encode_event(event: Any, max_line: int) -> bytes:
         except (TypeError, ValueError, RecursionError) as exc:
             problem = "not serializable as JSON: %s" % exc
         else:
-            problem = _TOO_DEEP if _too_deep(line, event) else _HUGE if _huge_number(line) else None
-        if problem is None and len(line) > max_line + 1:
-            problem = "its line of %d bytes is longer than max_line_bytes (%d)" % (len(line) - 1, max_line)
+            problem = _line_problem(line, event)
+            if problem is None and len(line) > max_line + 1:
+                problem = "its line of %d bytes is longer than max_line_bytes (%d)" % (len(line) - 1, max_line)
         if problem is None:
             return line
     entity_type = event.get("itemType") if isinstance(event, dict) else None
     raise PersistError(entity_type if isinstance(entity_type, str) else "<unknown>", problem)
 
 
-def _line_problem(line: bytes, event: Event) -> Optional[str]:
-    """What the Rust reader rejects in a line that Python's json accepts."""
-    if _too_deep(line, event):
-        return _TOO_DEEP
-    if _huge_number(line):
-        return _HUGE
-    if _lone_surrogate(line, event):
-        return "a \\u escape is half a surrogate pair"
-    duplicate = _duplicate_key(line, event)
-    if duplicate is not None:
-        return "the key %s appears twice" % duplicate
-    return None
-
-
 def _parse_line(line: bytes) -> Tuple[Optional[Event], str]:
-    """``(event, "")`` for a valid log line (without its ``\\n``), else
+    """``(event, "")`` for a valid log line (without its ``\n``), else
     ``(None, reason)``."""
     try:
-        event = _DECODER.decode(line.decode("utf-8"))
+        text = line.decode("utf-8")
+        event, end = _SCAN(text, 0)
+        if end != len(text):
+            raise ValueError("more after the value")  # white space, or not: decode() tells
     except UnicodeDecodeError:
         return None, "invalid UTF-8"
     except RecursionError:
         return None, _TOO_DEEP
-    except json.JSONDecodeError as exc:
-        if line.startswith(b"\xef\xbb\xbf"):
-            return None, "starts with a byte order mark"
-        return None, "not JSON: %s at column %d" % (exc.msg, exc.colno)
-    except ValueError as exc:  # NaN, 1e400, integers beyond f64 or Python's digit limit
-        return None, "not JSON: %s" % exc
+    except (StopIteration, ValueError):
+        try:
+            event = _DECODER.decode(text)
+        except RecursionError:
+            return None, _TOO_DEEP
+        except json.JSONDecodeError as exc:
+            if line.startswith(b"\xef\xbb\xbf"):
+                return None, "starts with a byte order mark"
+            return None, "not JSON: %s at column %d" % (exc.msg, exc.colno)
+        except ValueError as exc:  # NaN, 1e400, an integer beyond Python's digit limit
+            return None, "not JSON: %s" % exc
     problem = _event_problem(event) or _line_problem(line, event)
     if problem is not None:
         return None, problem
@@ -714,16 +686,16 @@ def _stat_or_none(path: str) -> Optional[os.stat_result]:
 
 
 class _Group:
-    """Events waiting for one write and one fdatasync; whoever takes the
-    file lock first writes them all (see ``DiskPersister._commit``)."""
+    """Events waiting for one write and one fdatasync (see ``DiskPersister._commit``)."""
 
-    __slots__ = ("chunks", "entries", "taken", "error")
+    __slots__ = ("chunks", "writers", "taken", "error", "turn")
 
     def __init__(self) -> None:
         self.chunks = []  # type: List[bytes]
-        self.entries = []  # type: List[Entry]
+        self.writers = []  # type: List[Tuple[List[bytes], List[Event]]]  # each one's lines and events
         self.taken = False
         self.error = None  # type: Optional[BaseException]
+        self.turn = threading.Lock()  # held by the one of its writers that is writing or looking
 
 
 class DiskPersister:
@@ -1065,10 +1037,11 @@ class DiskPersister:
 
     def _commit(self, events: List[Event]) -> None:
         """Group commit: every writer adds its lines to the open group, then
-        takes the file lock; the first to get it while the group is not yet
-        taken writes the whole group, and the others find it done.  A writer
-        never waits for a particular thread, only for the lock, so an
-        exception anywhere (Ctrl-C) cannot leave a writer waiting forever."""
+        waits for the group's turn lock; the first to get it writes the whole
+        group (under the file lock, which closes the group), the others find
+        it done, one after another.  Writers wait only in ``with`` blocks on
+        locks, never for a particular thread to signal, so an exception
+        anywhere (Ctrl-C) cannot leave a writer waiting forever."""
         self._check_writable()
         self.health.record_enqueue(len(events))
         try:
@@ -1085,10 +1058,11 @@ class DiskPersister:
             if group is None:
                 group = self._group = _Group()
             group.chunks.append(b"".join(lines))
-            group.entries += zip(lines, snapshots, ["own"] * len(lines))
-        with self._lock:
+            group.writers.append((lines, snapshots))
+        with group.turn:
             if not group.taken:
-                self._write_group(group)
+                with self._lock:
+                    self._write_group(group)
         self._flush_notes()
         if group.error is not None:
             raise PersistError(events[0]["itemType"], "write/fsync: %s" % group.error)
@@ -1100,20 +1074,22 @@ class DiskPersister:
         with self._group_lock:
             group.taken = True
             self._group = None
-        group.error = KeyboardInterrupt("interrupted before the write was durable")
-        count = len(group.entries)
+        # Until the sync returns, the group has failed: if this thread is
+        # interrupted (Ctrl-C), the writers it covers learn so.  After it, an
+        # interruption fails nobody: the events are durable.
+        group.error = KeyboardInterrupt("the writing thread was interrupted")
+        count = sum(len(events) for _, events in group.writers)
         try:
             self._locked(lambda fd: self._write_and_sync(fd, group))
-        except BaseException as exc:  # Ctrl-C too: the covered writers learn it was not durable
+        except (OSError, ValueError) as exc:
             group.error = exc
-            for _ in range(count):
-                self.health.record_error("write/fsync: %r" % exc)
-            if not isinstance(exc, (OSError, ValueError)):
-                raise
-            self._note("warning", "could not persist %d events: %s" % (count, exc))
-        else:
-            group.error = None
-            self.health.record_success_batch(count)
+        finally:
+            if group.error is None:
+                self.health.record_success_batch(count)
+            else:
+                for _ in range(count):
+                    self.health.record_error("write/fsync: %s" % group.error)
+                self._note("warning", "could not persist %d events: %s" % (count, group.error))
 
     def _write_and_sync(self, fd: int, group: _Group) -> None:
         """One write and one fdatasync, then the watcher's bookkeeping.
@@ -1142,6 +1118,7 @@ class DiskPersister:
         except BaseException:
             _cut_back(fd, start, copy)
             raise
+        group.error = None
         self._end = end
         if self._watcher is None:
             return
@@ -1149,8 +1126,9 @@ class DiskPersister:
             self._read_lines(fd, self._pos)
             return
         self._read_lines(fd, self._pos, first)  # other writers' lines before ours
-        self._pending += group.entries
-        self._keys.update(_key(entry[1]) for entry in group.entries)
+        for lines, events in group.writers:
+            self._pending += zip(lines, events, ["own"] * len(lines))
+            self._keys.update(map(_key, events))
         self._pos, self._last = end, data[data.rfind(b"\n", 0, len(data) - 1) + 1:]
 
     # --- compaction ---------------------------------------------------------------
@@ -1497,7 +1475,7 @@ def _scan(fd: int, max_line: int, on_malformed: Callable[[int, int, int, str], N
     for lineno, (offset, line) in enumerate(lines, 1):
         if line is None:
             event, reason = None, "longer than %d bytes" % max_line
-        elif not line or _is_blank(line):
+        elif line[:1] != b"{" and _is_blank(line):
             continue
         else:
             event, reason = _parse_line(line)
