@@ -244,6 +244,18 @@ def deleted_log(run):
     log.close()
 
 
+def deleted_dir(run):
+    """The log's directory is removed while open (an outside `rm -r`); the next persist
+    makes the directory again and recreates the log in it from the live state."""
+    log = run.open()
+    run.persist(log, "d1")
+    run.mark("outside-delete")
+    run.fs.unlink(run.at(run.workload.log))
+    run.fs.rmdir(run.at(os.path.dirname(run.workload.log)))
+    run.persist(log, "d2")
+    log.close()
+
+
 def persist_two(run):
     """Two persists: with a log path whose directories are missing, or relative."""
     log = run.open()
@@ -381,6 +393,7 @@ WORKLOADS = [
              fragment=TORN_FRAGMENT),
     Workload("unterminated_event", open_and_persist, setup_log(["x0", "x1"], WHOLE_LAST_LINE)),
     Workload("deleted_log", deleted_log, setup_log(["d0", "d1"])),
+    Workload("deleted_dir", deleted_dir, setup_log(["d0", "d1"])),
     Workload("new_nested_dir", persist_two, log="a/b/events.jsonl"),
     Workload("unsynced_dir", unsynced_dir, log="d/events.jsonl"),
     Workload("relative_path", persist_two, log="events.jsonl", relative=True),

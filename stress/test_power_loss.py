@@ -25,9 +25,6 @@ MODULE = pl.DEFAULT_MODULE
 NOT_CATCHABLE = {
     "_datasync: os.fsync(fd)":
         "the fallback for platforms without fdatasync: on Linux it never runs",
-    "_write_durably: _fsync_dir(folder)":
-        "every caller makes the new name durable again (_sync_path, directly or through "
-        "_switch_to) before anything is acknowledged, relied on or unlinked",
     "DiskPersister._repair_torn_tail: _datasync(fd)":
         "the newline that terminates a whole last event: the open's fsync of the log, "
         "before any replay, makes it durable; a cut before that leaves the whole event "
