@@ -356,14 +356,28 @@ def _write_durably(path: str, chunks: Iterable[bytes], clobber: bool,
         if clobber:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)
-            os.unlink(tmp)
+            _link_or_rename(tmp, path)
     except BaseException:
         os.close(fd)
         _unlink_quietly(tmp)
         raise
     _fsync_dir(folder)
     return fd
+
+
+def _link_or_rename(tmp: str, path: str) -> None:
+    """Give ``tmp`` the name ``path`` unless it is taken (FileExistsError).
+    Without hard links, a rename after a look: the only way there is."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        if os.path.lexists(path):
+            raise FileExistsError(17, "File exists", path) from None
+        os.rename(tmp, path)
+    else:
+        os.unlink(tmp)
 
 
 def _lock_quietly(fd: int) -> None:
@@ -685,6 +699,9 @@ def _stat_or_none(path: str) -> Optional[os.stat_result]:
         return None
 
 
+_INTERRUPTED = KeyboardInterrupt("the thread writing it was interrupted")
+
+
 class _Group:
     """Events waiting for one write and one fdatasync (see ``DiskPersister._commit``)."""
 
@@ -694,7 +711,8 @@ class _Group:
         self.chunks = []  # type: List[bytes]
         self.writers = []  # type: List[Tuple[List[bytes], List[Event]]]  # each one's lines and events
         self.taken = False
-        self.error = None  # type: Optional[BaseException]
+        # Failed until its sync returns: an interruption anywhere before cannot pass for success.
+        self.error = _INTERRUPTED  # type: Optional[BaseException]
         self.turn = threading.Lock()  # held by the one of its writers that is writing or looking
 
 
@@ -976,10 +994,12 @@ class DiskPersister:
 
     def _repair_torn_tail(self, fd: int) -> None:
         """A last line without ``\\n``: terminate it if it is a whole event,
-        else move it to ``<log>.torn`` and cut it off, so nothing is glued."""
+        else, if it is the start of one that a crash cut short, move it to
+        ``<log>.torn`` and cut it off.  Other bytes (a file that is no log)
+        are left as they are; the next append is not glued to them anyway."""
         size = os.fstat(fd).st_size
         start = _after_last_newline(fd, size)
-        if start == size:
+        if start == size or os.pread(fd, 1, start) != b"{":
             return
         if _last_fragment(fd, start, size, self.max_line_bytes)[1] is not None:
             _write_all(fd, b"\n")
@@ -1074,10 +1094,9 @@ class DiskPersister:
         with self._group_lock:
             group.taken = True
             self._group = None
-        # Until the sync returns, the group has failed: if this thread is
-        # interrupted (Ctrl-C), the writers it covers learn so.  After it, an
-        # interruption fails nobody: the events are durable.
-        group.error = KeyboardInterrupt("the writing thread was interrupted")
+        # Until the sync returns, the group has failed (see _Group): if this
+        # thread is interrupted (Ctrl-C), the writers it covers learn so.
+        # After it, an interruption fails nobody: the events are durable.
         count = sum(len(events) for _, events in group.writers)
         try:
             self._locked(lambda fd: self._write_and_sync(fd, group))

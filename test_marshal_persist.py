@@ -62,8 +62,8 @@ def read(path):
 
 def snapshot(store):
     """A MemoryStore's content: ``{(itemType, id): item}``."""
-    return {(kind, item["id"]): item for kind in ("Session", "Message", "T")
-            for item in store.items(kind)}
+    with store._lock:
+        return dict(store._items)
 
 
 def replayed(path, read_only=False):
@@ -1766,3 +1766,594 @@ def test_cli_on_a_file_that_is_not_jsonl(tmp_path):
         assert out.returncode == code, (command, out.stderr)
         assert "Traceback" not in out.stderr
     assert "0 live" in run_cli("replay", path).stderr
+
+
+# --- the write path under hostile conditions -------------------------------------------------------
+
+
+def tmpfs_dir(tmp_path):
+    """A scratch directory on tmpfs when there is one: fsync is free, races are frequent."""
+    return tempfile.mkdtemp(dir="/dev/shm") if os.path.isdir("/dev/shm") else str(tmp_path)
+
+
+TWO_WRITE_APPENDER = """
+import json, os, sys
+# As the Rust daemon does: the JSON, then the newline, two writes, no lock.
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND)
+print("ready", flush=True)
+n = 0
+while not os.path.exists(sys.argv[2]) or n < int(sys.argv[3]):
+    os.write(fd, json.dumps({"item": {"id": "rust-%d" % n}, "changeType": "SET", "itemType": "R"},
+                            separators=(",", ":")).encode())
+    os.write(fd, b"\\n")
+    n += 1
+print(n, flush=True)
+"""
+
+
+def test_never_glue_beside_an_appender_that_writes_json_and_newline_apart(tmp_path):
+    folder = tmpfs_dir(tmp_path)
+    try:
+        path, done = os.path.join(folder, "events.jsonl"), os.path.join(folder, "done")
+        p = mp.DiskPersister(path, logger=ListLogger())
+        appender = subprocess.Popen([sys.executable, "-c", TWO_WRITE_APPENDER, path, done, "10000"],
+                                    stdout=subprocess.PIPE, text=True)
+        assert appender.stdout.readline() == "ready\n"
+
+        def work(n):
+            for i in range(2500):
+                p.persist(ev("py-%d-%d" % (n, i), kind="P"))
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        write(done, "")
+        written = int(appender.communicate(timeout=60)[0])
+        p.close()
+        state = replayed(path, read_only=True)
+        python = {key for key in state if key[0] == "P"}
+        assert len(python) == 10000  # every acknowledged event
+        assert written >= 10000 and {("R", "rust-%d" % n) for n in range(written)} <= set(state)
+    finally:
+        if folder != str(tmp_path):
+            shutil.rmtree(folder)
+
+
+def test_without_foreign_writers_the_log_is_strict_json_lines(log_path):
+    with mp.DiskPersister(log_path) as p:
+        threads = [threading.Thread(target=lambda n=n: [p.persist(ev("t%d-%d" % (n, i))) for i in range(300)])
+                   for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    lines = read(log_path).split(b"\n")
+    assert lines[-1] == b"" and all(json.loads(text) for text in lines[:-1]) and len(lines) == 1201
+
+
+def test_validation_and_encoding_see_one_snapshot(log_path):
+    event = ev("a")
+    stop = threading.Event()
+
+    def mutate():
+        while not stop.is_set():
+            event["item"]["id"] = 7
+            event["item"]["id"] = "a"
+            event["changeType"] = "PUT"
+            event["changeType"] = "SET"
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    mutator = threading.Thread(target=mutate)
+    mutator.start()
+    refused = 0
+    try:
+        with mp.DiskPersister(log_path) as p:
+            for _ in range(2000):
+                try:
+                    p.persist(event)
+                except mp.PersistError:
+                    refused += 1
+    finally:
+        stop.set()
+        mutator.join()
+        sys.setswitchinterval(old)
+    check = run_cli("check", log_path)
+    assert check.returncode == 0, check.stdout  # every line written is valid
+    assert len(read(log_path).splitlines()) == 2000 - refused and refused < 2000
+
+
+CTRL_C_CHILD = """
+import os, random, signal, sys, threading
+import marshal_persist as mp
+
+path = sys.argv[1]
+p = mp.DiskPersister(path)
+def ev(name, i):
+    return {"item": {"id": "%s-%d" % (name, i)}, "changeType": "SET", "itemType": "T"}
+def other(n):
+    for i in range(3000):
+        while True:
+            try:
+                p.persist(ev("t%d" % n, i))
+                break
+            except mp.PersistError:  # its group's writing thread (the main one) was interrupted
+                pass
+threads = [threading.Thread(target=other, args=(n,)) for n in range(3)]
+for t in threads:
+    t.start()
+def interrupt(signum, frame):
+    signal.setitimer(signal.ITIMER_REAL, random.uniform(50e-6, 200e-6))
+    raise KeyboardInterrupt
+signal.signal(signal.SIGALRM, interrupt)
+signal.setitimer(signal.ITIMER_REAL, 100e-6)
+interrupted = done = 0
+def persist_until_done():
+    global interrupted, done
+    while done < 3000 or interrupted < 2000:
+        try:
+            p.persist(ev("main", done))
+            done += 1
+        except KeyboardInterrupt:
+            interrupted += 1
+        except mp.PersistError:
+            pass  # its group's writing thread was interrupted before the sync
+while True:  # an interruption can land outside the inner try too
+    try:
+        persist_until_done()
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
+        break
+    except KeyboardInterrupt:
+        interrupted += 1
+signal.setitimer(signal.ITIMER_REAL, 0)
+for t in threads:
+    t.join(30)
+assert not any(t.is_alive() for t in threads), "a writer hangs"
+assert p._lock.acquire(blocking=False), "the file lock stays held"
+p._lock.release()
+assert p._group_lock.acquire(blocking=False), "the group lock stays held"
+p._group_lock.release()
+p.persist(ev("after", 0))
+p.close()
+print(interrupted, done)
+"""
+
+
+def test_ctrl_c_raised_anywhere_in_persist_hangs_nothing(tmp_path):
+    folder = tmpfs_dir(tmp_path)
+    try:
+        path = os.path.join(folder, "events.jsonl")
+        out = subprocess.run([sys.executable, "-c", CTRL_C_CHILD, path], cwd=HERE, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        interrupted, done = map(int, out.stdout.split())
+        assert interrupted >= 2000 and done >= 3000
+        state = replayed(path, read_only=True)
+        assert {("T", "t%d-%d" % (n, i)) for n in range(3) for i in range(3000)} <= set(state)
+        assert ("T", "after-0") in state
+    finally:
+        if folder != str(tmp_path):
+            shutil.rmtree(folder)
+
+
+def test_a_failing_stat_leaves_no_lock_for_other_processes(log_path, monkeypatch):
+    with mp.DiskPersister(log_path) as p:
+        p.persist(ev("a"))
+        real_stat = os.stat
+        monkeypatch.setattr(os, "stat", lambda path, *a, **k: (_ for _ in ()).throw(OSError(5, "EIO"))
+                            if path == p.path else real_stat(path, *a, **k))
+        with pytest.raises(mp.PersistError):
+            p.persist(ev("b"))
+        monkeypatch.setattr(os, "stat", real_stat)
+        other = subprocess.run([sys.executable, "-c", "import os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+                                "os.lockf(fd, os.F_TLOCK, 0)", log_path], capture_output=True, timeout=30)
+        assert other.returncode == 0, other.stderr
+
+
+def test_a_filesystem_without_locks_works_with_one_warning(log_path, monkeypatch):
+    def no_locks(fd, command, length):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(os, "lockf", no_locks)
+    logger = ListLogger()
+    with mp.DiskPersister(log_path, logger=logger) as p:
+        p.persist(ev("a"))
+        p.persist_batch([ev("b"), ev("a", "DEL")])
+        p.compact()
+        p.persist(ev("c"))
+    assert [m for level, m in logger.messages if level == "warning"] == [
+        "[marshal-persist] %s: the filesystem has no file locks (No locks available); writers in other "
+        "processes are not kept apart" % log_path]
+    assert set(replayed(log_path)) == {("Session", "b"), ("Session", "c")}
+
+
+def test_two_persisters_of_one_file_in_one_process_exclude_each_other(tmp_path):
+    path = str(tmp_path / "state" / "events.jsonl")
+    a = mp.DiskPersister(path)
+    os.symlink(path, str(tmp_path / "link.jsonl"))
+    os.link(path, str(tmp_path / "hard.jsonl"))
+    spellings = [str(tmp_path / "link.jsonl"), str(tmp_path / "hard.jsonl"),
+                 str(tmp_path / "state" / ".." / "state" / "events.jsonl")]
+    others = [mp.DiskPersister(spelling) for spelling in spellings]
+    assert all(o._lock is a._lock for o in others)  # one lock, whatever the spelling
+    for o in others[1:]:
+        o.close()
+    os.unlink(str(tmp_path / "hard.jsonl"))
+    b = others[0]
+
+    def work(p, name):
+        for i in range(2000):
+            p.persist(ev("%s-%d" % (name, i), kind="T"))
+
+    threads = [threading.Thread(target=work, args=(p, "%s%d" % (name, n)))
+               for p, name in ((a, "a"), (b, "b")) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = read(path).split(b"\n")
+    assert lines[-1] == b"" and all(json.loads(text)["itemType"] == "T" for text in lines[:-1])
+    assert len(replayed(path)) == 8000
+
+    stop = threading.Event()
+
+    def compact_repeatedly():
+        while not stop.is_set():
+            a.compact()
+
+    compactor = threading.Thread(target=compact_repeatedly)
+    compactor.start()
+    try:
+        for i in range(2000):
+            b.persist(ev("late-%d" % i, kind="L", n=i))
+    finally:
+        stop.set()
+        compactor.join()
+    state = replayed(path)
+    assert len({key for key in state if key[0] == "L"}) == 2000 and len(state) == 10000
+    a.close()
+    b.close()
+
+
+def test_a_logger_that_persists_blocks_nothing(log_path):
+    os.makedirs(os.path.dirname(log_path))
+    write(log_path, line(ev("a")) + "not json\n")
+
+    class PersistingLogger:
+        def __init__(self):
+            self.p = None
+            self.seen = []
+
+        def warning(self, message):
+            self.seen.append(message)
+            if self.p is not None and "skipped" in message:
+                self.p.persist(ev("logged-%d" % len(self.seen), kind="Log"))
+
+        info = warning
+
+    logger = PersistingLogger()
+    p = mp.DiskPersister(log_path, logger=logger)
+    logger.p = p
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (p.replay(len), p.persist(ev("b")), done.set()), daemon=True)
+    worker.start()
+    assert done.wait(10), "a logging handler that persists deadlocked the persister"
+    p.close()
+    assert ("Log", "logged-2") in replayed(log_path) or any(k[0] == "Log" for k in replayed(log_path))
+
+
+def test_an_interruption_after_the_sync_fails_no_covered_writer(log_path, monkeypatch):
+    with mp.DiskPersister(log_path) as p:
+        real_sync = mp._datasync
+        in_first, release_first = threading.Event(), threading.Event()
+        calls = []
+
+        def sync(fd):
+            calls.append(fd)
+            if len(calls) == 1:
+                in_first.set()
+                release_first.wait(10)
+            real_sync(fd)
+
+        import inspect
+        source, first_line = inspect.getsourcelines(mp.DiskPersister._write_and_sync)
+        after_sync = first_line + next(i for i, text in enumerate(source) if "self._end = end" in text)
+
+        def ctrl_c_after_the_second_sync(frame, event, arg):  # as a signal would land, between two lines
+            if event == "call" and frame.f_code.co_name == "_write_and_sync" and len(calls) == 1:
+                return lambda frame, event, arg: (_ for _ in ()).throw(KeyboardInterrupt) \
+                    if event == "line" and frame.f_lineno == after_sync and len(calls) == 2 else None
+            return None
+
+        monkeypatch.setattr(mp, "_datasync", sync)
+        outcomes = {}
+
+        def write_one(name):
+            if name != "first":
+                sys.settrace(ctrl_c_after_the_second_sync)
+            try:
+                p.persist(ev(name))
+                outcomes[name] = "ok"
+            except KeyboardInterrupt:
+                outcomes[name] = "interrupted"
+            except mp.PersistError as exc:
+                outcomes[name] = exc.message
+
+        first = threading.Thread(target=write_one, args=("first",))
+        first.start()
+        assert in_first.wait(5)
+        group = [threading.Thread(target=write_one, args=("g%d" % i,)) for i in range(3)]
+        for t in group:
+            t.start()
+        assert wait_until(lambda: queued(p) == 3)
+        release_first.set()
+        for t in [first] + group:
+            t.join(10)
+        assert sorted(outcomes.values()) == ["interrupted", "ok", "ok", "ok"], outcomes
+        health = p.health.as_dict()
+        assert (health["total_persisted"], health["total_errors"], health["queued"]) == (4, 0, 0)
+        monkeypatch.setattr(mp, "_datasync", real_sync)
+    assert set(replayed(log_path)) == {("Session", n) for n in ("first", "g0", "g1", "g2")}
+
+
+def test_misuse_is_a_value_error_not_a_failed_write(log_path):
+    p = mp.DiskPersister(log_path)
+    p.close()
+    for call in (lambda: p.persist(ev("a")), lambda: p.replay(len), p.compact,
+                 lambda: p.start_watcher(len), lambda: p.__enter__()):
+        with pytest.raises(ValueError, match="closed"):
+            call()
+    assert p.health.total_errors == 0 and p.health.healthy
+    with pytest.raises(ValueError, match="interval"):
+        mp.DiskPersister(log_path).start_watcher(len, interval=0)
+
+
+# --- paths, compaction and the watcher: the file the user means ---------------------------------
+
+
+def test_a_relative_path_is_made_absolute_at_open(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with mp.DiskPersister(os.path.join("rel", "events.jsonl")) as p:
+        p.persist(ev("a"))
+        os.makedirs(str(tmp_path / "elsewhere"))
+        os.chdir(str(tmp_path / "elsewhere"))
+        p.persist(ev("b"))
+    assert set(replayed(str(tmp_path / "rel" / "events.jsonl"))) == {("Session", "a"), ("Session", "b")}
+    assert os.listdir(str(tmp_path / "elsewhere")) == []
+
+
+def test_a_symlinked_log_stays_a_symlink(tmp_path):
+    os.makedirs(str(tmp_path / "real"))
+    os.makedirs(str(tmp_path / "state"))
+    target, link = str(tmp_path / "real" / "events.jsonl"), str(tmp_path / "state" / "events.jsonl")
+    os.symlink(target, link)  # dangling: the target is created, as the Rust's create(true) does
+    with mp.DiskPersister(link) as p:
+        for i in range(5):
+            p.persist(ev("a", v=i))
+        p.compact()
+        assert os.path.islink(link) and read(target) == line(ev("a", v=4)).encode()
+        assert run_cli("compact", link).returncode == 0 and os.path.islink(link)
+        os.unlink(target)  # the target is deleted while running
+        done = threading.Event()
+        threading.Thread(target=lambda: (p.persist(ev("b")), done.set()), daemon=True).start()
+        assert done.wait(10), "persist spins on a deleted symlink target"
+    assert os.path.islink(link) and set(replayed(link)) == {("Session", "a"), ("Session", "b")}
+    assert sorted(os.listdir(str(tmp_path / "real"))) == ["events.jsonl"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand the log to another user")
+def test_compaction_and_recreation_keep_owner_group_and_mode(log_path):
+    history(log_path)
+    os.chown(log_path, 65534, 65534)
+    os.chmod(log_path, 0o640)
+    with mp.DiskPersister(log_path) as p:
+        p.compact()
+        st = os.stat(log_path)
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, 0o640)
+        os.unlink(log_path)
+        p.persist(ev("after"))
+    st = os.stat(log_path)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, 0o640)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to compact as another user")
+def test_compaction_refuses_to_change_the_logs_owner(tmp_path):
+    folder = tempfile.mkdtemp()  # where another user can reach it (pytest's tmp_path is private)
+    os.chmod(folder, 0o777)
+    request_cleanup = lambda: shutil.rmtree(folder)  # noqa: E731
+    path = os.path.join(folder, "events.jsonl")
+    history(path)
+    os.chmod(path, 0o666)  # root's log, which anyone may write but only root may own
+    content = read(path)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
+    if subprocess.run(nobody + ["-c", "pass"], capture_output=True, cwd="/").returncode != 0:
+        pytest.skip("this Python cannot run as nobody (it lives in a private directory)")
+    out = subprocess.run(nobody + [MODULE, "compact", path], capture_output=True, text=True, timeout=30, cwd="/")
+    assert out.returncode == 2 and "belongs to uid 0" in out.stderr and "Traceback" not in out.stderr
+    assert read(path) == content and os.stat(path).st_uid == 0
+    assert sorted(os.listdir(folder)) == ["events.jsonl"]
+    request_cleanup()
+
+
+def test_compaction_refuses_a_log_with_other_hard_links(log_path):
+    history(log_path)
+    os.link(log_path, log_path + ".backup")
+    content = read(log_path)
+    with mp.DiskPersister(log_path) as p:
+        with pytest.raises(ValueError, match="2 hard links"):
+            p.compact()
+    assert read(log_path) == content == read(log_path + ".backup")
+    out = run_cli("compact", log_path)
+    assert out.returncode == 2 and "hard links" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_compaction_never_wipes_a_file_that_is_not_a_log(tmp_path):
+    path = str(tmp_path / "ls-copy")
+    shutil.copy(shutil.which("ls"), path)
+    content = read(path)
+    out = run_cli("compact", path)
+    assert out.returncode == 2 and "does not look like an event log" in out.stderr and "--force" in out.stderr
+    assert read(path) == content and not os.path.exists(path + ".torn")
+    with mp.DiskPersister(path) as p:
+        with pytest.raises(ValueError, match="force=True"):
+            p.compact()
+        assert read(path) == content
+        p.compact(force=True)  # asked for: the bytes are kept in .torn
+    assert read(path) == b""
+    kept = [text for text in content.split(b"\n") if not rust_blank(text)]  # only blank lines are dropped
+    assert read(path + ".torn").split(b"\n")[:-1] == kept
+
+
+def test_compaction_destroys_no_bytes_and_takes_linear_time(log_path, monkeypatch):
+    os.makedirs(os.path.dirname(log_path))
+    long_line = b'{"item":{"id":"long","x":"' + b"y" * 3000 + b'"},"changeType":"SET","itemType":"T"}'
+    body = "".join(line(ev("k%d" % (i % 50), n=i)) + "bad line %d\n" % i for i in range(4000))
+    write(log_path, body.encode() + long_line + b"\n" + line(ev("tail")).encode().rstrip(b"\n"))
+    size = os.path.getsize(log_path)
+    read_bytes = []
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, at: (lambda data: (read_bytes.append(len(data)), data)[1])(
+        real_pread(fd, n, at)))
+    with mp.DiskPersister(log_path, max_line_bytes=1000) as p:
+        read_bytes.clear()  # the open's torn-tail check terminated the whole last event
+        p.compact(force=True)
+    assert sum(read_bytes) < 4 * size  # each malformed line is read once, not with a 1 MiB re-read
+    torn = read(log_path + ".torn").split(b"\n")
+    assert torn[:-2] == [b"bad line %d" % i for i in range(4000)] and torn[-2] == long_line
+    assert ("Session", "tail") in replayed(log_path)  # the whole event that lacked its newline
+
+
+def test_a_reload_never_writes_and_says_what_the_store_keeps(watched):
+    p, watcher, recorder, path = watched
+    p.persist(ev("own1"))
+    p.persist(ev("own2"))
+    with open(path, "r+b") as f:
+        f.truncate(0)
+    assert wait_until(lambda: watcher.reloads == 1)
+    time.sleep(0.1)
+    assert os.path.getsize(path) == 0  # nothing given back
+    assert "3 entities it no longer mentions stay in the store" in p._logger.text()
+
+
+def test_a_deleted_log_is_recreated_from_the_file_persist_writes_to(watched, tmp_path):
+    p, watcher, recorder, path = watched
+    p.persist(ev("K", v=1))
+    compacted = subprocess.run([sys.executable, "-m", "marshal_persist", "compact", path], cwd=HERE,
+                               capture_output=True, text=True, timeout=30)
+    assert compacted.returncode == 0, compacted.stderr
+    p.persist(ev("K", v=2))  # into the compacted file
+    assert wait_until(lambda: watcher.reloads == 1)
+    os.unlink(path)
+    assert wait_until(lambda: os.path.exists(path))
+    p.persist(ev("after"))
+    assert replayed(path)[("Session", "K")] == {"id": "K", "v": 2}
+
+
+def test_lines_carried_over_by_compaction_never_reorder_a_key(log_path, monkeypatch):
+    history(log_path)
+    real = mp._write_durably
+
+    def late_value_lands(path, chunks, *args):  # a writer that takes no lock updates a key meanwhile
+        write(log_path, line(ev("e-000", kind="T", late=True)))
+        return real(path, chunks, *args)
+
+    monkeypatch.setattr(mp, "_write_durably", late_value_lands)
+    with mp.DiskPersister(log_path) as p:
+        p.compact()
+    assert replayed(log_path)[("T", "e-000")] == {"id": "e-000", "late": True}
+
+
+def test_the_watcher_thread_survives_any_store_and_close_is_orderly(log_path):
+    p = mp.DiskPersister(log_path)
+    returned = []
+
+    def odd_store(events):
+        returned.append(events)
+        return [1, 2]  # not an int
+
+    watcher = p.start_watcher(odd_store, interval=0.01)
+    write(log_path, line(ev("x")))
+    assert wait_until(lambda: returned)
+    write(log_path, line(ev("y")))
+    assert wait_until(lambda: len(returned) == 2) and watcher.is_alive()
+    watcher.stop()
+
+    inside, finish = threading.Event(), threading.Event()
+    finished = []
+
+    def slow_store(events):
+        inside.set()
+        finish.wait(5)
+        finished.append(True)
+
+    p.start_watcher(slow_store, interval=0.01)
+    write(log_path, line(ev("z")))
+    assert inside.wait(5)
+    threading.Timer(0.3, finish.set).start()
+    p.close()  # returns only once the running store call finished
+    assert finished == [True]
+
+    q = mp.DiskPersister(log_path)
+    q.start_watcher(lambda events: q.close(), interval=0.01)  # a store that closes the persister
+    write(log_path, line(ev("w")))
+    assert wait_until(lambda: q._closed)
+    for _ in range(50):  # start and close racing: no thread survives its persister
+        r = mp.DiskPersister(log_path)
+        starter = threading.Thread(target=lambda: (r.start_watcher(len, interval=0.001)
+                                                   if not r._closed else None))
+        starter.start()
+        r.close()
+        starter.join()
+        assert r._watcher is None
+    assert not [t for t in threading.enumerate() if t.name == "marshal-persist-watcher" and t.is_alive()]
+
+
+def test_migration_without_hard_links_copies_and_an_interrupted_move_finishes(tmp_path, monkeypatch):
+    legacy_dir = tmp_path / "claude-coord"
+    legacy_dir.mkdir()
+    (legacy_dir / "events.jsonl").write_text(RUST_LINES[0] + "\n")
+    monkeypatch.setenv("CLAUDE_COORD_STATE_DIR", str(legacy_dir))
+    new = str(tmp_path / "marshal" / "events.jsonl")
+    real_link = os.link
+
+    def no_hard_links(src, dst, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    assert mp.migrate_from_claude_coord(new) is True
+    assert read(new) == (RUST_LINES[0] + "\n").encode() and not (legacy_dir / "events.jsonl").exists()
+    monkeypatch.setattr(os, "link", real_link)
+
+    # Killed between the link and the unlink: the legacy name is a second link of the new log.
+    os.unlink(new)
+    (legacy_dir / "events.jsonl").write_text(RUST_LINES[2] + "\n")
+    os.link(str(legacy_dir / "events.jsonl"), new)
+    assert mp.migrate_from_claude_coord(new) is True
+    assert not (legacy_dir / "events.jsonl").exists() and read(new) == (RUST_LINES[2] + "\n").encode()
+    assert mp.migrate_from_claude_coord(new) is False
+
+
+# --- every process's store converges to the log ------------------------------------------------
+
+SET_IN_OTHER_PROCESS = """
+import sys, marshal_persist as mp
+with mp.DiskPersister(sys.argv[1]) as p:
+    p.persist({"item": {"id": sys.argv[2], "by": "B"}, "changeType": "SET", "itemType": "Session"})
+"""
+
+
+@pytest.mark.parametrize("change", ["SET", "DEL"])
+def test_an_own_write_after_a_foreign_one_wins_in_the_store(log_path, change):
+    with mp.DiskPersister(log_path) as a:
+        store = mp.MemoryStore()
+        a.replay(store.apply_batch)
+        with a.start_watcher(store.apply_batch, interval=60):  # it will not poll before the check
+            other = subprocess.run([sys.executable, "-c", SET_IN_OTHER_PROCESS, log_path, "k"], cwd=HERE,
+                                   capture_output=True, text=True, timeout=30)
+            assert other.returncode == 0, other.stderr
+            a.persist(ev("k", change, by="A"))
+            assert snapshot(store) == replayed(log_path)
+            assert store.get("Session", "k") == ({"id": "k", "by": "A"} if change == "SET" else None)
