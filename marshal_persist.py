@@ -1768,11 +1768,8 @@ def _cli_follow(args: Any, out: _Output, err: Any) -> int:
         err.flush()
         watcher = _LineWatcher(persister, out, args.type, args.interval)
         persister._watch(watcher)
-        try:
-            while watcher.is_alive():
-                watcher._thread.join(0.5)
-        except KeyboardInterrupt:  # the way to stop it
-            return 0
+        while watcher.is_alive():  # until Ctrl-C (see main) or a closed pipe
+            watcher._thread.join(0.5)
         if isinstance(watcher.failure, Exception):
             raise watcher.failure
     return 0
@@ -1915,8 +1912,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.write("marshal-persist: %s\n" % exc)
     except OSError as exc:
         sys.stderr.write("marshal-persist: %s: %s\n" % (exc.filename or args.path, exc.strerror or exc))
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # the way to stop follow; anything else was cut short
+        return 0 if args.command == "follow" else 130
     return 2
 
 

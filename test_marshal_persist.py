@@ -2357,3 +2357,125 @@ def test_an_own_write_after_a_foreign_one_wins_in_the_store(log_path, change):
             a.persist(ev("k", change, by="A"))
             assert snapshot(store) == replayed(log_path)
             assert store.get("Session", "k") == ({"id": "k", "by": "A"} if change == "SET" else None)
+
+
+# --- the command line and the API behave like the tools a user knows ---------------------------
+
+
+def test_cli_follow_prints_the_live_state_then_each_change_or_only_changes(log_path):
+    os.makedirs(os.path.dirname(log_path))
+    write(log_path, line(ev("old")) + line(ev("gone")) + line(ev("gone", "DEL")))
+    for args, first in (([], line(ev("old"))), (["--changes-only"], line(ev("new", v=1)))):
+        proc = subprocess.Popen([sys.executable, "-m", "marshal_persist", "follow", "--interval", "0.02",
+                                 *args, log_path], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            assert "following" in proc.stderr.readline()
+            write(log_path, line(ev("new", v=1)))
+            assert proc.stdout.readline() == first
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=10)
+        assert proc.returncode == 0
+        write(log_path, line(ev("new", "DEL")))
+
+
+def test_cli_pipes_and_output_errors(log_path):
+    os.makedirs(os.path.dirname(log_path))
+    write(log_path, "".join(line(ev("k%d" % i)) for i in range(3)) + "bad\nworse\n")
+    module = "%s -m marshal_persist" % sys.executable
+    check = subprocess.run(["bash", "-c", "set -o pipefail; %s check %s | head -1" % (module, log_path)],
+                           cwd=HERE, capture_output=True, text=True, timeout=30)
+    assert check.returncode == 1 and check.stdout.count("\n") == 1 and "Traceback" not in check.stderr
+    follow = subprocess.Popen(["bash", "-c", "%s follow --interval 0.02 %s | head -1" % (module, log_path)],
+                              cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert follow.stdout.readline() == line(ev("k0"))
+    write(log_path, line(ev("more")))  # the next line meets the closed pipe: follow ends
+    assert follow.wait(10) == 0 and "Traceback" not in follow.stderr.read()
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([sys.executable, "-m", "marshal_persist", "replay", log_path], cwd=HERE,
+                             stdout=full, stderr=subprocess.PIPE, text=True, timeout=30)
+    assert out.returncode == 2 and out.stderr == "marshal-persist: cannot write the output: No space left on device\n"
+
+
+@pytest.mark.parametrize("interval", ["0", "-1", "nan", "soon"])
+def test_cli_rejects_an_interval_that_would_spin(log_path, interval):
+    out = run_cli("follow", "--interval", interval, log_path)
+    assert out.returncode == 2 and "positive number of seconds" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_append_validates_then_persists_durably(log_path):
+    events = [ev("a"), ev("b", kind="Message"), ev("a", "DEL")]
+    out = run_cli("append", log_path, input="".join(line(e) for e in events))
+    assert out.returncode == 0 and out.stdout == "appended 3 events to %s\n" % log_path
+    assert run_cli("append", "--event", json.dumps(ev("c")), log_path).stdout == "appended 1 event to %s\n" % log_path
+    before = read(log_path)
+    bad = run_cli("append", log_path, input=line(ev("ok")) + '{"item":{"id":""},"changeType":"SET","itemType":"T"}\n')
+    assert bad.returncode == 2 and bad.stderr == "marshal-persist: input line 2: item.id is missing, empty or not a string\n"
+    not_json = run_cli("append", log_path, input="{oops\n")
+    assert not_json.returncode == 2 and "input line 1 is not JSON" in not_json.stderr
+    assert read(log_path) == before  # nothing written for a batch with a bad event
+    assert set(replayed(log_path)) == {("Message", "b"), ("Session", "c")}
+
+
+def test_cli_small_things(log_path, tmp_path):
+    os.makedirs(os.path.dirname(log_path))
+    write(log_path, line(ev("a")))
+    assert "1 line, 0 malformed, 1 live" in run_cli("replay", log_path).stderr
+    done = run_cli("compact", log_path)
+    assert done.stdout.startswith("%s: 1 line, " % log_path) and done.stderr == ""  # the summary once
+    bogus = run_cli("replay", "--bogus", log_path)
+    assert bogus.returncode == 2 and bogus.stderr.startswith("usage: marshal-persist replay")
+    assert run_cli("-V").stdout == "marshal-persist %s\n" % mp.__version__
+    write(log_path, b"\xef\xbb\xbf" + line(ev("b")).encode() + b'{"item":1,,}\n')
+    report = run_cli("check", log_path).stdout
+    assert "line 2 (byte %d): starts with a byte order mark" % len(line(ev("a"))) in report
+    assert "line 3" in report and "at column 11" in report and "line 1 column" not in report
+    for command in ("replay", "follow", "check"):
+        assert run_cli(command, str(tmp_path)).stderr == "marshal-persist: %s: is a directory, not a log file\n" % tmp_path
+
+
+def test_constructor_rejects_bad_arguments_and_takes_path_objects(tmp_path):
+    import pathlib
+    path = tmp_path / "events.jsonl"
+    with pytest.raises(TypeError, match="str or an os.PathLike"):
+        mp.DiskPersister(str(path).encode())
+    for kwargs, message in (({"max_line_bytes": 0}, "max_line_bytes"), ({"compact_ratio": 1}, "compact_ratio"),
+                            ({"logger": object()}, "warning")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            mp.DiskPersister(str(path), **kwargs)
+    assert not path.exists()
+    with mp.DiskPersister(pathlib.Path(path)) as p:
+        p.persist(ev("a"))
+    assert set(replayed(path)) == {("Session", "a")}
+
+
+def test_a_compaction_by_another_process_is_news_not_a_warning(watched):
+    p, watcher, recorder, path = watched
+    assert run_cli("compact", path).returncode == 0
+    assert wait_until(lambda: watcher.reloads == 1)
+    p.persist(ev("after"))
+    assert not [m for level, m in p._logger.messages if level == "warning"]
+    assert "replaced" in p._logger.text()
+
+
+def test_health_has_myko_semantics_and_startup_healthcheck_tells_why(log_path, tmp_path):
+    health = mp.PersistHealth()
+    health.record_enqueue(3)
+    health.record_error_no_dequeue("retrying")
+    assert (health.queued, health.total_errors, health.last_error) == (3, 1, "retrying")
+    health.record_success_batch(3)
+    assert (health.queued, health.total_persisted, health.healthy, health.last_error) == (0, 3, True, None)
+    assert health.writes_per_second() == 3.0
+    with mp.DiskPersister(log_path) as p:
+        assert p.startup_healthcheck() is None
+        os.chmod(os.path.dirname(log_path), 0o500)
+        try:
+            if os.geteuid() != 0:
+                assert "not writable" in p.startup_healthcheck()
+        finally:
+            os.chmod(os.path.dirname(log_path), 0o700)
+    assert "closed" in p.startup_healthcheck()
+    with mp.DiskPersister(log_path, read_only=True) as r:
+        assert "read-only" in r.startup_healthcheck()
+
