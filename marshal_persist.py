@@ -996,19 +996,18 @@ class DiskPersister:
         """A last line without ``\\n``: terminate it if it is a whole event,
         else, if it is the start of one that a crash cut short, move it to
         ``<log>.torn`` and cut it off.  Other bytes (a file that is no log)
-        are left as they are; the next append is not glued to them anyway."""
+        are left as they are; the next append is not glued to them anyway.
+        The open's fsync of the log makes the repair durable."""
         size = os.fstat(fd).st_size
         start = _after_last_newline(fd, size)
         if start == size or os.pread(fd, 1, start) != b"{":
             return
         if _last_fragment(fd, start, size, self.max_line_bytes)[1] is not None:
             _write_all(fd, b"\n")
-            _datasync(fd)
             self._note("info", "terminated the unfinished last line at byte %d" % start)
             return
         self._keep_in_torn_file(fd, [(start, size - start)])
         os.ftruncate(fd, start)
-        os.fsync(fd)
         self._note("warning", "moved a torn last line (%d bytes at byte %d) to %s.torn"
                    % (size - start, start, self.path))
 

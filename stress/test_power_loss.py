@@ -25,14 +25,6 @@ MODULE = pl.DEFAULT_MODULE
 NOT_CATCHABLE = {
     "_datasync: os.fsync(fd)":
         "the fallback for platforms without fdatasync: on Linux it never runs",
-    "DiskPersister._repair_torn_tail: _datasync(fd)":
-        "the newline that terminates a whole last event: the open's fsync of the log, "
-        "before any replay, makes it durable; a cut before that leaves the whole event "
-        "unterminated, which the next open terminates again",
-    "DiskPersister._repair_torn_tail: os.fsync(fd)":
-        "the cut-off of a torn last line: the open's fsync of the log, before any "
-        "replay, makes it durable; a cut before that leaves the torn line in place, "
-        "kept in .torn already, and the next open moves it again",
 }
 
 
