@@ -67,6 +67,7 @@ __all__ = [
 LOG_NAME = "events.jsonl"
 _CHUNK = 1 << 20
 _DEFAULT_MAX_LINE = 16 << 20
+_TOMBSTONES = 1000
 _APPEND = os.O_RDWR | os.O_APPEND  # descriptors are not inherited by children (PEP 446)
 # lockf fails with these where the filesystem has no locks (ENOLCK, EOPNOTSUPP/ENOTSUP).
 _NO_LOCKS = (77, 45) if os.uname().sysname == "Darwin" else (37, 95)
@@ -1155,7 +1156,7 @@ class DiskPersister:
         """Rewrite the log to its live state, atomically; returns figures.
 
         The live SET lines, as stored, in the file order of their last
-        occurrence, go to a temp file that replaces the log (the durable
+        occurrence, then the latest DELs (see ``_Scan.tombstones``), go to a temp file that replaces the log (the durable
         rename recipe) with the log's mode, owner and group.  Malformed and
         over-long lines are kept whole in ``<log>.torn``.  A log with other
         hard links is refused, and so is a file that does not look like a
@@ -1183,15 +1184,18 @@ class DiskPersister:
             raise ValueError("%s has %d hard links; compacting would split them (remove the other "
                              "links first)" % (self.path, st.st_nlink))
         bad = []  # type: List[Tuple[int, int]]
-        scan = _scan(fd, self.max_line_bytes, lambda lineno, offset, length, reason: bad.append((offset, length)))
+        scan = _scan(fd, self.max_line_bytes, lambda lineno, offset, length, reason: bad.append((offset, length)),
+                     deletions=True)
         valid = scan.lines - scan.malformed
         if not force and scan.lines and (not valid or scan.malformed > valid):
             raise ValueError("%s does not look like an event log: %d of its %d lines are malformed; "
                              "compact it anyway with force=True (--force)" % (self.path, scan.malformed, scan.lines))
         carried = []  # type: List[bytes]
+        tombstones = scan.tombstones()
 
         def lines() -> Iterator[bytes]:
             yield from scan.live.values()
+            yield from tombstones
             # Appended since the scan by writers that do not lock: read at the
             # last moment, and kept after everything else, so no key is reordered.
             end = _complete_lines(fd, scan.end, self.max_line_bytes, carried, bad)
@@ -1211,7 +1215,8 @@ class DiskPersister:
         new_fd = self._write_new_log(lines(), clobber=True, like=st)
         self._switch_to(new_fd, ours=True)
         return {"lines_before": scan.lines + len(carried), "bytes_before": os.fstat(fd).st_size,
-                "lines_after": len(scan.live) + len(carried), "bytes_after": os.fstat(new_fd).st_size,
+                "lines_after": len(scan.live) + len(tombstones) + len(carried),
+                "bytes_after": os.fstat(new_fd).st_size,
                 "live": len(scan.live), "malformed": len(bad)}
 
     # --- the read path: replay ------------------------------------------------------
@@ -1450,7 +1455,8 @@ def _end_and_last_line(fd: int) -> Tuple[int, bytes]:
 class _Scan:
     """A pass over a log: the live lines by key, in the file order of their
     last occurrence; counts; and where the complete lines end.  With
-    ``deletions``, also the last line of every key whose last word is a DEL."""
+    ``deletions``, also the last line of every key whose last word is a DEL,
+    in the same order."""
 
     def __init__(self, deletions: bool = False) -> None:
         self.live = {}  # type: Dict[Key, bytes]
@@ -1466,6 +1472,15 @@ class _Scan:
         _remember(self.live, key, is_set, line)
         if self.deleted is not None:
             _remember(self.deleted, key, not is_set, line)
+
+    def tombstones(self) -> List[bytes]:
+        """The DELs compaction keeps: the most recent, as many as there are
+        live entities (at least 1,000).  A watcher that never saw the file
+        a DEL was written to (it was replaced twice between two looks)
+        learns of the deletion from them; it can miss one only if more
+        deletions than that came in between."""
+        assert self.deleted is not None
+        return list(self.deleted.values())[-max(_TOMBSTONES, len(self.live)):]
 
     def live_bytes(self) -> int:
         """The size of a log holding only the live lines."""
@@ -1674,12 +1689,13 @@ def _plural(count: int, word: str) -> str:
     return "%d %s%s" % (count, word, "" if count == 1 else "es" if word.endswith("s") else "s")
 
 
-def _read_log(path: str, on_malformed: Callable[[int, int, int, str], None]) -> Tuple[_Scan, str]:
+def _read_log(path: str, on_malformed: Callable[[int, int, int, str], None],
+              deletions: bool = False) -> Tuple[_Scan, str]:
     """Scan the log read-only, as a writer would see it after its torn-tail
     repair; the second value describes an unterminated last line, if any."""
     with DiskPersister(path, read_only=True) as reader:
         fd = reader._fd
-        scan = _scan(fd, _DEFAULT_MAX_LINE, on_malformed)
+        scan = _scan(fd, _DEFAULT_MAX_LINE, on_malformed, deletions)
         size = os.fstat(fd).st_size
         fragment, event = _last_fragment(fd, scan.end, size, _DEFAULT_MAX_LINE)
     if size == scan.end:
@@ -1776,10 +1792,11 @@ def _cli_follow(args: Any, out: _Output, err: Any) -> int:
 
 def _cli_compact(args: Any, out: _Output, err: Any) -> int:
     if args.dry_run:
-        scan, _ = _read_log(args.path, lambda *_: None)
+        scan, _ = _read_log(args.path, lambda *_: None, deletions=True)
+        kept = list(scan.live.values()) + scan.tombstones()
         out.write("%s: would compact %s, %d bytes -> %s, %d bytes (dry run: nothing changed)\n"
-                  % (args.path, _plural(scan.lines, "line"), scan.end, _plural(len(scan.live), "line"),
-                     scan.live_bytes()))
+                  % (args.path, _plural(scan.lines, "line"), scan.end, _plural(len(kept), "line"),
+                     sum(len(line) + 1 for line in kept)))
         return 0
     os.close(os.open(args.path, os.O_RDONLY))  # never create the log it was asked to compact
     if os.path.isdir(args.path):
