@@ -500,8 +500,7 @@ def _line_problem(line: bytes, event: Event) -> Optional[str]:
             _ENCODER.encode(event).encode("utf-8")
         except UnicodeEncodeError:
             return "a \\u escape is half a surrogate pair"
-    options = event.get("options")
-    if line.count(b'":') > len(event) + len(event["item"]) + (len(options) if type(options) is dict else 0):
+    if _repeats_a_key(line, event):
         repeated = []  # type: List[str]
 
         def pairs(found: List[Tuple[str, Any]]) -> Dict[str, Any]:
@@ -514,6 +513,11 @@ def _line_problem(line: bytes, event: Event) -> Optional[str]:
         if repeated:
             return "the key %s appears twice" % repeated[0]
     return None
+
+
+def _repeats_a_key(line: bytes, event: Event) -> bool:
+    """Whether ``line`` may hold a key twice: it has more ``":`` than its objects have keys."""
+    return line.count(b'":') > len(event) + len(event["item"]) + len(event.get("options") or ())
 
 
 def _snapshot(event: Any) -> Any:
@@ -570,7 +574,9 @@ def _parse_line(line: bytes) -> Tuple[Optional[Event], str]:
             return None, "not JSON: %s at column %d" % (exc.msg, exc.colno)
         except ValueError as exc:  # NaN, 1e400, an integer beyond Python's digit limit
             return None, "not JSON: %s" % exc
-    problem = _event_problem(event) or _line_problem(line, event)
+    problem = _event_problem(event)
+    if problem is None and (len(line) >= 2 * (_MAX_DEPTH + 1) or b"\\u" in line or _repeats_a_key(line, event)):
+        problem = _line_problem(line, event)  # only where the bytes leave room for one
     if problem is not None:
         return None, problem
     return event, ""
