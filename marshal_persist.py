@@ -323,13 +323,12 @@ def _lockf(fd: int, op: int) -> None:
 
 
 def _write_durably(path: str, chunks: Iterable[bytes], clobber: bool,
-                   like: Optional[os.stat_result] = None,
-                   claim: Callable[[int], None] = lambda fd: None) -> int:
+                   like: Optional[os.stat_result] = None) -> int:
     """Write ``chunks`` to a new file at ``path`` atomically and durably.
 
     The recipe: a temp file beside ``path`` (mode 0o600, or the mode and
-    owner of ``like``), locked while in use (the caller unlocks it), written and fsynced; ``claim``
-    sees it before it takes the name: ``os.replace`` when ``clobber``, else
+    owner of ``like``), locked while in use (the caller unlocks it), written
+    and fsynced, takes the name: ``os.replace`` when ``clobber``, else
     ``os.link``, which raises ``FileExistsError`` rather than overwrite; then
     the directory is fsynced.  A crash leaves the old state or the new, never
     a mix.  Returns a read/append descriptor of the new file.
@@ -353,16 +352,15 @@ def _write_durably(path: str, chunks: Iterable[bytes], clobber: bool,
                 pending, size = [], 0
         _write_all(fd, b"".join(pending))
         os.fsync(fd)
-        claim(fd)
         if clobber:
             os.replace(tmp, path)
         else:
             _link_or_rename(tmp, path)
+        _fsync_dir(folder)
     except BaseException:
         os.close(fd)
         _unlink_quietly(tmp)
         raise
-    _fsync_dir(folder)
     return fd
 
 
@@ -626,28 +624,19 @@ def _remember(live: Dict[Key, bytes], key: Key, is_set: bool, line: bytes) -> No
 
 # POSIX record locks belong to a process, not to a descriptor: two descriptors
 # of one file in one process do not exclude each other, and closing either
-# drops the process's lock.  So, as SQLite's inode table does, every
-# DiskPersister of one file (by device and inode: any spelling of its path, a
-# symlink or a hard link) in this process shares one lock, and holds it around
-# every lockf and every close of a descriptor of that file.
-_INODE_LOCKS = {}  # type: Dict[Tuple[int, int], List[Any]]  # identity -> [lock, users]
-_INODE_LOCKS_GUARD = threading.Lock()
+# drops the process's lock.  So every DiskPersister in this process takes one
+# lock per filesystem around every lockf, every switch to another file and
+# every close of a log's descriptor.  A table by inode, as SQLite keeps, would
+# have to follow each compaction's new inode; by device, every spelling of a
+# path, a symlink, a hard link and every later inode of a log land on one
+# lock, and only logs on one filesystem wait for each other.
+_DEVICE_LOCKS = {}  # type: Dict[int, Any]
+_DEVICE_LOCKS_GUARD = threading.Lock()
 
 
-def _share_lock(ident: Tuple[int, int], lock: Any = None) -> Any:
-    """The lock of the file ``ident`` (``lock`` if it has none yet), counting one more user."""
-    with _INODE_LOCKS_GUARD:
-        entry = _INODE_LOCKS.setdefault(ident, [lock or threading.Lock(), 0])
-        entry[1] += 1
-        return entry[0]
-
-
-def _unshare_lock(ident: Tuple[int, int]) -> None:
-    with _INODE_LOCKS_GUARD:
-        entry = _INODE_LOCKS[ident]
-        entry[1] -= 1
-        if not entry[1]:
-            del _INODE_LOCKS[ident]
+def _device_lock(device: int) -> Any:
+    with _DEVICE_LOCKS_GUARD:
+        return _DEVICE_LOCKS.setdefault(device, threading.Lock())
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -712,10 +701,9 @@ _INTERRUPTED = KeyboardInterrupt("the thread writing it was interrupted")
 class _Group:
     """Events waiting for one write and one fdatasync (see ``DiskPersister._commit``)."""
 
-    __slots__ = ("chunks", "writers", "taken", "error", "turn")
+    __slots__ = ("writers", "taken", "error", "turn")
 
     def __init__(self) -> None:
-        self.chunks = []  # type: List[bytes]
         self.writers = []  # type: List[Tuple[List[bytes], List[Event]]]  # each one's lines and events
         self.taken = False
         # Failed until its sync returns: an interruption anywhere before cannot pass for success.
@@ -773,9 +761,16 @@ class DiskPersister:
         self._watcher = None  # type: Optional[Watcher]
         self._deliver_lock = threading.Lock()
         self._deliverer = None  # type: Optional[int]
-        self._fd = self._open()
+        # The log's descriptor, what the watcher read, and lockf (see _device_lock).
+        if read_only:
+            self._fd = self._open()
+            self._lock = _device_lock(os.fstat(self._fd).st_dev)
+        else:
+            _make_dirs(os.path.dirname(self.path))
+            self._lock = _device_lock(os.stat(os.path.dirname(self.path)).st_dev)
+            with self._lock:
+                self._fd = self._open()
         self._ident = _identity(os.fstat(self._fd))
-        self._lock = _share_lock(self._ident)  # the file, its descriptor and what the watcher read
         try:
             if not read_only:
                 with self._lock:
@@ -811,7 +806,6 @@ class DiskPersister:
                 pass
         with self._lock:
             os.close(self._fd)
-            _unshare_lock(self._ident)
         self._flush_notes()
 
     def _note(self, level: str, message: str) -> None:
@@ -845,7 +839,6 @@ class DiskPersister:
                 os.close(fd)
                 raise IsADirectoryError(21, "is a directory, not a log file", self.path)
             return fd
-        _make_dirs(os.path.dirname(self.path))
         self._adopt_orphan_temp_file()
         try:
             fd = os.open(self.path, _APPEND | os.O_CREAT | os.O_EXCL, 0o600)
@@ -960,37 +953,19 @@ class DiskPersister:
         return os.open(self.path, _APPEND), False
 
     def _write_new_log(self, lines: Iterable[bytes], clobber: bool, like: os.stat_result) -> int:
-        """A new file at the path holding ``lines``, registered under this
-        object's lock before any other process can open it."""
-        claimed = []  # type: List[Tuple[int, int]]
-
-        def claim(fd: int) -> None:
-            claimed.append(_identity(os.fstat(fd)))
-            _share_lock(claimed[0], self._lock)
-
-        try:
-            return _write_durably(self.path, (line + b"\n" for line in lines), clobber, like, claim)
-        except BaseException:
-            for ident in claimed:
-                _unshare_lock(ident)
-            raise
+        return _write_durably(self.path, (line + b"\n" for line in lines), clobber, like)
 
     def _switch_to(self, fd: int, ours: bool) -> None:
         """Make ``fd`` the log.  The watcher reads the old file's unread lines
-        first, then the new file from the top, unless this process wrote it
-        (its content is the live state the store is given already)."""
-        old_fd, old_ident = self._fd, self._ident
-        ident = _identity(os.fstat(fd))
-        if not ours:
-            _share_lock(ident, self._lock)
-        if self._pos is not None:
-            if self._watcher is not None:
-                self._read_lines(old_fd, self._pos)
-            else:
-                del self._pending[:]  # nobody follows yet: the reload below supersedes
-        self._fd, self._ident, self._end = fd, ident, -1
-        _unshare_lock(old_ident)
-        if self._pos is not None:
+        first, then reloads the new file, unless this process wrote it (its
+        content is the state the store is given already)."""
+        old_fd, self._fd, self._ident, self._end = self._fd, fd, _identity(os.fstat(fd)), -1
+        if self._pos is None:
+            pass
+        elif self._watcher is None:  # nothing follows yet: the watcher will read the new file whole
+            self._pos, self._last = 0, b""
+        else:
+            self._read_lines(old_fd, self._pos)
             if ours:
                 self._pos, self._last = _end_and_last_line(fd)
             else:
@@ -1079,16 +1054,24 @@ class DiskPersister:
             raise
         if not events:
             return
+        mine = (lines, snapshots)
         with self._group_lock:
             group = self._group
             if group is None:
                 group = self._group = _Group()
-            group.chunks.append(b"".join(lines))
-            group.writers.append((lines, snapshots))
-        with group.turn:
-            if not group.taken:
-                with self._lock:
-                    self._write_group(group)
+            group.writers.append(mine)
+        try:
+            with group.turn:
+                if not group.taken:
+                    with self._lock:
+                        self._write_group(group)
+        except BaseException:  # Ctrl-C while waiting: events nobody took yet are not written later
+            with self._group_lock:
+                if not group.taken:
+                    group.writers = [writer for writer in group.writers if writer is not mine]
+                    for _ in events:
+                        self.health.record_error("interrupted before it was written")
+            raise
         self._flush_notes()
         if group.error is not None:
             raise PersistError(events[0]["itemType"], "write/fsync: %s" % group.error)
@@ -1107,7 +1090,10 @@ class DiskPersister:
         try:
             self._locked(lambda fd: self._write_and_sync(fd, group))
         except (OSError, ValueError) as exc:
-            group.error = exc
+            if group.error is _INTERRUPTED:
+                group.error = exc
+            else:  # after the sync (reading back for the watcher): the events are durable
+                self._note("warning", "after a write: %s: %s" % (type(exc).__name__, exc))
         finally:
             if group.error is None:
                 self.health.record_success_batch(count)
@@ -1125,7 +1111,7 @@ class DiskPersister:
         written only the first): if it is not, the glued line is left for
         ``.torn``, and a clean copy of the other writer's event (if whole) and
         of ours follows it."""
-        data = copy = b"".join(group.chunks)
+        data = copy = b"".join(line for lines, _ in group.writers for line in lines)
         start, end = first, _ = _append(fd, copy)
         rescued = []  # type: List[bytes]
         try:
@@ -1288,7 +1274,7 @@ class DiskPersister:
             self._locked(_nothing)  # follows a replaced or deleted log
             self._read_changes(self._fd)
         self._flush_notes()
-        self._deliver()
+        self._deliver(wait=False)
 
     def _read_changes(self, fd: int) -> None:
         pos = self._pos
@@ -1339,25 +1325,37 @@ class DiskPersister:
         self._note("info", "reloaded the log: %d live entities; %d entities it no longer mentions "
                    "stay in the store" % (len(scan.live), kept))
 
-    def _deliver(self) -> None:
+    def _deliver(self, wait: bool = True) -> None:
         """Hand what was read to the store, in file order, one call at a
-        time.  A store call that persists does not call the store again from
-        inside itself: the running delivery hands over what it added."""
-        if not self._pending or self._deliverer == threading.get_ident():
+        time; a writer returns only once its own events were handed over.
+        A store call that persists does not call the store again from inside
+        itself, and the watcher's thread does not wait (a store call on a
+        writer's thread may be stopping it): the running delivery hands over
+        what they added."""
+        if self._watcher is None or self._deliverer == threading.get_ident():
             return
-        with self._deliver_lock:
-            self._deliverer = threading.get_ident()
+        if wait:
+            with self._deliver_lock:
+                self._deliver_all()
+        elif self._deliver_lock.acquire(blocking=False):  # no Ctrl-C reaches this thread
             try:
-                while True:
-                    entries = self._pending[:]  # appended to under self._lock; taken from the front only
-                    del self._pending[:len(entries)]
-                    watcher = self._watcher
-                    if not entries or watcher is None:
-                        return
-                    watcher._deliver(entries)
+                self._deliver_all()
             finally:
-                self._deliverer = None
-                self._flush_notes()
+                self._deliver_lock.release()
+        self._flush_notes()
+
+    def _deliver_all(self) -> None:
+        self._deliverer = threading.get_ident()
+        try:
+            while True:
+                entries = self._pending[:]  # appended to under self._lock; taken from the front only
+                del self._pending[:len(entries)]
+                watcher = self._watcher
+                if not entries or watcher is None:
+                    return
+                watcher._deliver(entries)
+        finally:
+            self._deliverer = None
 
 
 # --- the read path: lines, scans --------------------------------------------------
@@ -1597,7 +1595,8 @@ class Watcher:
                 self._persister._flush_notes()
 
     def _deliver(self, entries: List[Entry]) -> None:
-        events = [_mark(event, how) for _, event, how in entries]
+        # Own events are parsed from their lines: the caller may change its dicts afterwards.
+        events = [_mark(json.loads(line) if how == "own" else event, how) for line, event, how in entries]
         try:
             applied = self._apply_batch(events)
         except Exception as exc:  # the store's failure must not end the thread or fail a persist

@@ -503,7 +503,7 @@ def test_a_failed_group_fails_every_writer_in_it_and_leaves_nothing(log_path, mo
 def queued(p):
     """How many writers wait with their lines in the open group."""
     group = p._group
-    return len(group.chunks) if group is not None else 0
+    return len(group.writers) if group is not None else 0
 
 
 @pytest.mark.parametrize("ahead", [0, 1])
@@ -2496,3 +2496,143 @@ def test_every_processs_store_converges_to_the_log_under_stress():
     sys.path.insert(0, os.path.join(HERE, "stress"))
     import convergence
     assert convergence.run(seeds=[20261129], fs_list=("disk", "tmpfs"), seconds=2.0, writers=3) == 0
+
+
+# --- found by review: each of these failed before its fix ------------------------------------
+
+
+def run_in_thread(target, timeout=5.0):
+    """Run ``target`` in a daemon thread; True if it finished within ``timeout``."""
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return not worker.is_alive()
+
+
+def test_persisters_opened_before_and_after_a_compaction_elsewhere_share_a_lock(log_path):
+    a = mp.DiskPersister(log_path)
+    a.persist(ev("seed", kind="T"))
+    assert run_cli("compact", log_path).returncode == 0  # the file a opened is replaced
+    b = mp.DiskPersister(log_path)
+    assert a._lock is b._lock
+    stop = threading.Event()
+    compactor = threading.Thread(target=lambda: [a.compact() for _ in iter(stop.is_set, True)])
+    compactor.start()
+    try:
+        for i in range(1500):
+            b.persist(ev("b-%d" % i, kind="B"))
+    finally:
+        stop.set()
+        compactor.join()
+    a.close()
+    b.close()
+    assert len({key for key in replayed(log_path) if key[0] == "B"}) == 1500
+
+
+def test_a_logging_handler_that_persists_while_the_store_fails_blocks_nothing(log_path):
+    class PersistingLogger:
+        def info(self, message):
+            pass
+
+        def warning(self, message):
+            if "apply_batch failed" in message:
+                p.persist(ev("logged", kind="LogLine"))
+
+    p = mp.DiskPersister(log_path, logger=PersistingLogger())
+    calls = []
+
+    def flaky_store(events):
+        calls.append(events)
+        if len(calls) == 1:
+            raise RuntimeError("store hiccup")
+
+    p.replay(len)
+    p.start_watcher(flaky_store, interval=5)
+    assert run_in_thread(lambda: p.persist(ev("a"))), "a logging handler that persists deadlocked persist"
+    p.close()
+    assert ("LogLine", "logged") in replayed(log_path)
+
+
+def test_a_store_that_closes_the_log_from_a_writers_thread_blocks_nothing(log_path):
+    p = mp.DiskPersister(log_path)
+
+    def closing_store(events):
+        if any(e["item"]["id"] == "a" for e in events):
+            write(log_path, line(ev("other")))  # the watcher reads this, and would wait to deliver it
+            time.sleep(0.3)
+            p.close()
+
+    p.replay(len)
+    p.start_watcher(closing_store, interval=0.02)
+    assert run_in_thread(lambda: p.persist(ev("a"))), "closing from the store deadlocked persist"
+
+
+@pytest.mark.parametrize("variant", ["replaced elsewhere", "own compaction"])
+def test_a_switch_before_the_watcher_starts_loses_nothing_for_the_store(log_path, variant):
+    p = mp.DiskPersister(log_path)
+    p.persist(ev("E0"))
+    store = mp.MemoryStore()
+    p.replay(store.apply_batch)
+    other = "p.persist({'item': {'id': 'E1'}, 'changeType': 'SET', 'itemType': 'Session'})"
+    if variant == "replaced elsewhere":
+        other += "; p.compact()"
+    done = subprocess.run([sys.executable, "-c", "import sys, marshal_persist as mp\n"
+                           "p = mp.DiskPersister(sys.argv[1])\n%s\np.close()" % other, log_path],
+                          cwd=HERE, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    if variant == "replaced elsewhere":
+        p.persist(ev("E2"))
+    else:
+        p.compact()
+    with p.start_watcher(store.apply_batch, interval=0.02):
+        assert wait_until(lambda: snapshot(store) == replayed(log_path))
+    p.close()
+
+
+def test_the_store_does_not_share_the_callers_objects(log_path):
+    with mp.DiskPersister(log_path) as p:
+        store = mp.MemoryStore()
+        p.replay(store.apply_batch)
+        with p.start_watcher(store.apply_batch, interval=60):
+            event = ev("s1", tags=["a"])
+            p.persist(event)
+            event["item"]["tags"].append("b")  # the caller reuses its dict
+            assert store.get("Session", "s1") == {"id": "s1", "tags": ["a"]} == replayed(log_path)[("Session", "s1")]
+
+
+def test_an_error_after_the_sync_is_no_failed_write(log_path, monkeypatch):
+    with mp.DiskPersister(log_path) as p:
+        real, failed = mp._lockf, []
+
+        def unlock_fails_once(fd, op):
+            if op == os.F_ULOCK and not failed:
+                failed.append(fd)
+                raise OSError(5, "Input/output error")
+            return real(fd, op)
+
+        monkeypatch.setattr(mp, "_lockf", unlock_fails_once)
+        p.persist(ev("E1"))  # synced before the unlock failed: acknowledged, not an error
+        assert failed and p.health.total_errors == 0 and p.health.total_persisted == 1
+    assert read(log_path) == line(ev("E1")).encode()
+
+
+def test_a_failed_directory_fsync_leaks_no_descriptor_or_lock(log_path, monkeypatch):
+    history(log_path)
+    with mp.DiskPersister(log_path) as p:
+        fds_before = len(os.listdir("/proc/self/fd"))
+        real, calls = mp._fsync_dir, []
+
+        def fails_after_the_rename(path):
+            calls.append(path)
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(mp, "_fsync_dir", fails_after_the_rename)
+        with pytest.raises(OSError):
+            p.compact()
+        monkeypatch.setattr(mp, "_fsync_dir", real)
+        assert calls and len(os.listdir("/proc/self/fd")) == fds_before
+        other = subprocess.run([sys.executable, "-c", "import os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+                                "os.lockf(fd, os.F_TLOCK, 0)", log_path], capture_output=True, timeout=30)
+        assert other.returncode == 0, other.stderr
+        p.persist(ev("after", kind="T"))
+    assert ("T", "after") in replayed(log_path)
