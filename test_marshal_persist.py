@@ -1929,6 +1929,8 @@ print(interrupted, done)
 """
 
 
+@pytest.mark.skipif(sys.version_info < (3, 10), reason="before 3.10, CPython can skip a with block's __exit__ "
+                    "when a signal lands in its cleanup (bpo-29988), leaving any lock held")
 def test_ctrl_c_raised_anywhere_in_persist_hangs_nothing(tmp_path):
     folder = tmpfs_dir(tmp_path)
     try:
