@@ -542,7 +542,8 @@ def _encode_event(event: Any, max_line: int) -> bytes:
         else:
             problem = _line_problem(line, event)
             if problem is None and len(line) > max_line + 1:
-                problem = "its line of %d bytes is longer than max_line_bytes (%d)" % (len(line) - 1, max_line)
+                problem = "its line of %d bytes is longer than max_line_bytes (%d)" % (
+                    len(line) - 1, max_line)
         if problem is None:
             return line
     entity_type = event.get("itemType") if isinstance(event, dict) else None
@@ -573,7 +574,8 @@ def _parse_line(line: bytes) -> Tuple[Optional[Event], str]:
         except ValueError as exc:  # NaN, 1e400, an integer beyond Python's digit limit
             return None, "not JSON: %s" % exc
     problem = _event_problem(event)
-    if problem is None and (len(line) >= 2 * (_MAX_DEPTH + 1) or b"\\u" in line or _repeats_a_key(line, event)):
+    long_enough = len(line) >= 2 * (_MAX_DEPTH + 1)
+    if problem is None and (long_enough or b"\\u" in line or _repeats_a_key(line, event)):
         problem = _line_problem(line, event)  # only where the bytes leave room for one
     if problem is not None:
         return None, problem
@@ -1148,12 +1150,12 @@ class DiskPersister:
         """Rewrite the log to its live state, atomically; returns figures.
 
         The live SET lines, as stored, in the file order of their last
-        occurrence, then the latest DELs (see ``_Scan.tombstones``), go to a temp file that replaces the log (the durable
-        rename recipe) with the log's mode, owner and group.  Malformed and
-        over-long lines are kept whole in ``<log>.torn``.  A log with other
-        hard links is refused, and so is a file that does not look like a
-        log (no valid line, or more malformed lines than valid ones) unless
-        ``force``.  Both locks are held throughout, so every writer that
+        occurrence, then the latest DELs (see ``_Scan.tombstones``), go to a
+        temp file that replaces the log (the durable rename recipe) with the
+        log's mode, owner and group.  Malformed and over-long lines are kept
+        whole in ``<log>.torn``.  A log with other hard links is refused, and
+        so is a file that does not look like a log (no valid line, or more
+        malformed lines than valid ones) unless ``force``.  Both locks are held throughout, so every writer that
         locks waits; lines that writers which do not lock append before the
         swap are carried over, after everything else."""
         self._check_writable()
@@ -1176,12 +1178,12 @@ class DiskPersister:
             raise ValueError("%s has %d hard links; compacting would split them (remove the other "
                              "links first)" % (self.path, st.st_nlink))
         bad = []  # type: List[Tuple[int, int]]
-        scan = _scan(fd, self.max_line_bytes, lambda lineno, offset, length, reason: bad.append((offset, length)),
+        scan = _scan(fd, self.max_line_bytes, lambda _, offset, length, __: bad.append((offset, length)),
                      deletions=True)
         valid = scan.lines - scan.malformed
         if not force and scan.lines and (not valid or scan.malformed > valid):
-            raise ValueError("%s does not look like an event log: %d of its %d lines are malformed; "
-                             "compact it anyway with force=True (--force)" % (self.path, scan.malformed, scan.lines))
+            raise ValueError("%s does not look like an event log: %d of its %d lines are malformed; compact "
+                             "it anyway with force=True (--force)" % (self.path, scan.malformed, scan.lines))
         carried = []  # type: List[bytes]
         tombstones = scan.tombstones()
 
@@ -1238,7 +1240,8 @@ class DiskPersister:
         if self.compact_ratio is not None and not self.read_only and scan.end > 1 << 20 \
                 and scan.end >= self.compact_ratio * scan.live_bytes():
             self.compact()
-        self._note("info", "replayed %d lines: %d malformed, %d live" % (scan.lines, scan.malformed, len(scan.live)))
+        self._note("info", "replayed %d lines: %d malformed, %d live"
+                   % (scan.lines, scan.malformed, len(scan.live)))
         self._flush_notes()
         return scan
 
@@ -1601,7 +1604,8 @@ class Watcher:
             applied = self._apply_batch(events)
         except Exception as exc:  # the store's failure must not end the thread or fail a persist
             self.errors += 1
-            self._persister._note("warning", "watcher: apply_batch failed on %d events: %r" % (len(events), exc))
+            self._persister._note("warning", "watcher: apply_batch failed on %d events: %r"
+                                  % (len(events), exc))
             return
         self.applied += applied if type(applied) is int else len(events)
 
@@ -1731,8 +1735,8 @@ def _cli_replay(args: Any, out: _Output, err: Any) -> int:
         out.write(scan.live[key].decode("utf-8") + "\n")
     out.flush()
     per_type = ", ".join("%s %d" % pair for pair in counts.items())
-    err.write("%s: %s, %d malformed, %d live%s\n" % (
-        args.path, _plural(scan.lines, "line"), scan.malformed, len(keys), " (%s)" % per_type if per_type else ""))
+    err.write("%s: %s, %d malformed, %d live%s\n" % (args.path, _plural(scan.lines, "line"), scan.malformed,
+                                                   len(keys), " (%s)" % per_type if per_type else ""))
     if tail_note:
         err.write("note: %s\n" % tail_note)
     return 0
@@ -1749,15 +1753,17 @@ def _cli_check(args: Any, out: _Output, err: Any) -> int:
         out.write(problem)
     if tail_note:
         out.write(tail_note + "\n")
-    out.write("%s: %s, %d malformed%s: %s\n" % (args.path, _plural(scan.lines, "line"), scan.malformed,
-                                               ", torn tail" if torn else "", "problems found" if status else "clean"))
+    out.write("%s: %s, %d malformed%s: %s\n" % (
+        args.path, _plural(scan.lines, "line"), scan.malformed, ", torn tail" if torn else "",
+        "problems found" if status else "clean"))
     return status
 
 
 class _LineWatcher(Watcher):
     """Hands the store nothing: prints each line as stored, for ``follow``."""
 
-    def __init__(self, persister: DiskPersister, out: _Output, item_type: Optional[str], interval: float) -> None:
+    def __init__(self, persister: DiskPersister, out: _Output, item_type: Optional[str],
+                 interval: float) -> None:
         super().__init__(persister, len, interval)
         self.out = out
         self.item_type = item_type
@@ -1896,7 +1902,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "to PATH.torn. Safe beside any program that writes through marshal-persist; "
                     "stop programs that append without its lock (the Rust marshal-daemon, a "
                     "shell >>) first: what they write during the swap can be lost.")
-    sub["compact"].add_argument("--dry-run", action="store_true", help="print what it would do and change nothing")
+    sub["compact"].add_argument("--dry-run", action="store_true",
+                                help="print what it would do and change nothing")
     sub["compact"].add_argument("--force", action="store_true",
                                 help="compact even a file that does not look like an event log")
     sub["append"] = commands.add_parser(
@@ -1905,7 +1912,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "append them with the log's lock and an fsync; print how many. Any invalid "
                     "event: exit 2 and nothing is written. Use it instead of `echo ... >> log`, "
                     "which can be lost to a compaction.")
-    sub["append"].add_argument("--event", "-e", metavar="JSON", help="append this one event instead of reading stdin")
+    sub["append"].add_argument("--event", "-e", metavar="JSON",
+                               help="append this one event instead of reading stdin")
     for command in sub.values():
         command.add_argument("path", nargs="?", metavar="PATH", help="the log")
     for name in ("replay", "follow"):
