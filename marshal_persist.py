@@ -1155,9 +1155,10 @@ class DiskPersister:
         log's mode, owner and group.  Malformed and over-long lines are kept
         whole in ``<log>.torn``.  A log with other hard links is refused, and
         so is a file that does not look like a log (no valid line, or more
-        malformed lines than valid ones) unless ``force``.  Both locks are held throughout, so every writer that
-        locks waits; lines that writers which do not lock append before the
-        swap are carried over, after everything else."""
+        malformed lines than valid ones) unless ``force``.  Both locks are
+        held throughout, so every writer that locks waits; lines that
+        writers which do not lock append before the swap are carried over,
+        after everything else."""
         self._check_writable()
         started = os.times().elapsed
         try:

@@ -2074,10 +2074,14 @@ def test_an_interruption_after_the_sync_fails_no_covered_writer(log_path, monkey
         source, first_line = inspect.getsourcelines(mp.DiskPersister._write_and_sync)
         after_sync = first_line + next(i for i, text in enumerate(source) if "self._end = end" in text)
 
-        def ctrl_c_after_the_second_sync(frame, event, arg):  # as a signal would land, between two lines
+        def ctrl_c_after_the_sync(frame, event, arg):
+            if event == "line" and frame.f_lineno == after_sync and len(calls) == 2:
+                raise KeyboardInterrupt  # as a signal would land, between two lines
+            return ctrl_c_after_the_sync
+
+        def ctrl_c_after_the_second_sync(frame, event, arg):
             if event == "call" and frame.f_code.co_name == "_write_and_sync" and len(calls) == 1:
-                return lambda frame, event, arg: (_ for _ in ()).throw(KeyboardInterrupt) \
-                    if event == "line" and frame.f_lineno == after_sync and len(calls) == 2 else None
+                return ctrl_c_after_the_sync
             return None
 
         monkeypatch.setattr(mp, "_datasync", sync)
