@@ -539,8 +539,8 @@ def _encode_event(event: Any, max_line: int) -> bytes:
             line = (_ENCODER.encode(event) + "\n").encode("utf-8")  # refuses a lone surrogate too
         except (TypeError, ValueError, RecursionError) as exc:
             problem = "not serializable as JSON: %s" % exc
-        else:
-            problem = _line_problem(line, event)
+        else:  # a dict has no key twice and encoding refused a lone surrogate: the rest needs length
+            problem = _line_problem(line, event) if len(line) >= 2 * (_MAX_DEPTH + 1) else None
             if problem is None and len(line) > max_line + 1:
                 problem = "its line of %d bytes is longer than max_line_bytes (%d)" % (
                     len(line) - 1, max_line)
@@ -1045,7 +1045,8 @@ class DiskPersister:
         it done, one after another.  Writers wait only in ``with`` blocks on
         locks, never for a particular thread to signal, so an exception
         anywhere (Ctrl-C) cannot leave a writer waiting forever."""
-        self._check_writable()
+        if self._closed or self.read_only:
+            self._check_writable()
         self.health.record_enqueue(len(events))
         try:
             snapshots = [_snapshot(event) for event in events]
@@ -1074,10 +1075,12 @@ class DiskPersister:
                     for _ in events:
                         self.health.record_error("interrupted before it was written")
             raise
-        self._flush_notes()
+        if self._notes:
+            self._flush_notes()
         if group.error is not None:
             raise PersistError(events[0]["itemType"], "write/fsync: %s" % group.error)
-        self._deliver()
+        if self._watcher is not None:
+            self._deliver()
 
     def _write_group(self, group: _Group) -> None:
         """Write and sync ``group``; its outcome is in ``group.error``, an
