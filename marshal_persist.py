@@ -68,6 +68,7 @@ LOG_NAME = "events.jsonl"
 _CHUNK = 1 << 20
 _DEFAULT_MAX_LINE = 16 << 20
 _TOMBSTONES = 1000
+_COMPACT_ABOVE = 1 << 20
 _APPEND = os.O_RDWR | os.O_APPEND  # descriptors are not inherited by children (PEP 446)
 # lockf fails with these where the filesystem has no locks (ENOLCK, EOPNOTSUPP/ENOTSUP).
 _NO_LOCKS = (77, 45) if os.uname().sysname == "Darwin" else (37, 95)
@@ -725,9 +726,9 @@ class DiskPersister:
     removes temp files a killed compaction left.  With ``read_only=True``
     nothing is created, repaired, locked or written.  ``persist`` refuses an
     event whose line is longer than ``max_line_bytes``; replay skips such
-    lines without reading them whole.  With ``compact_ratio`` set, ``replay``
-    first compacts a log over 1 MiB that is at least that many times larger
-    than its live state.  ``logger`` is any object with ``warning(msg)`` and
+    lines without reading them whole.  With ``compact_ratio`` set, a log
+    over 1 MiB is compacted once it is that many times its live state: by
+    ``replay``, and by the ``persist`` that makes it so.  ``logger`` is any object with ``warning(msg)`` and
     ``info(msg)`` (a ``logging.Logger``); without one, nothing is logged.
     Any number of ``DiskPersister`` objects, threads and processes may share
     one file.
@@ -754,6 +755,7 @@ class DiskPersister:
         self._group_lock = threading.Lock()
         self._end = -1  # where this process's last write ended
         self._name_synced = True  # whether the log's directory entry is known to be durable
+        self._compact_at = None  # type: Optional[int]  # the size at which a persist compacts
         # What the watcher has read: up to _pos (None: nothing to follow yet),
         # whose last line is _last; _pending, read but not yet handed over.
         self._pos = None  # type: Optional[int]
@@ -781,6 +783,7 @@ class DiskPersister:
                     self._sweep_temp_files()
                 os.fsync(self._fd)  # what a restart replays must be durable before it is relied on
                 _sync_path(self.path)
+                self._compact_when(os.fstat(self._fd).st_size)
         except BaseException:
             self.close()
             raise
@@ -1106,6 +1109,12 @@ class DiskPersister:
                 for _ in range(count):
                     self.health.record_error("write/fsync: %s" % group.error)
                 self._note("warning", "could not persist %d events: %s" % (count, group.error))
+        if group.error is None and self._compact_at is not None and self._end >= self._compact_at:
+            try:  # the events are durable already: a compaction that fails fails no writer
+                self._locked(lambda fd: self._compact_locked(fd, False))
+            except (OSError, ValueError) as exc:
+                self._compact_at = None
+                self._note("warning", "could not compact: %s" % exc)
 
     def _write_and_sync(self, fd: int, group: _Group) -> None:
         """One write and one fdatasync, then the watcher's bookkeeping.
@@ -1212,6 +1221,7 @@ class DiskPersister:
 
         new_fd = self._write_new_log(lines(), clobber=True, like=st)
         self._switch_to(new_fd, ours=True)
+        self._compact_when(os.fstat(new_fd).st_size)
         return {"lines_before": scan.lines + len(carried), "bytes_before": os.fstat(fd).st_size,
                 "lines_after": len(scan.live) + len(tombstones) + len(carried),
                 "bytes_after": os.fstat(new_fd).st_size,
@@ -1241,13 +1251,22 @@ class DiskPersister:
                 self._pos, self._last, self._keys = scan.end, scan.last, set(scan.live)
         finally:
             self._flush_notes()
-        if self.compact_ratio is not None and not self.read_only and scan.end > 1 << 20 \
+        if self.compact_ratio is not None and not self.read_only and scan.end > _COMPACT_ABOVE \
                 and scan.end >= self.compact_ratio * scan.live_bytes():
             self.compact()
+        elif self.compact_ratio is not None:
+            self._compact_when(scan.live_bytes())
         self._note("info", "replayed %d lines: %d malformed, %d live"
                    % (scan.lines, scan.malformed, len(scan.live)))
         self._flush_notes()
         return scan
+
+    def _compact_when(self, size: int) -> None:
+        """With ``compact_ratio``, the persist that makes the log that many
+        times ``size`` (its size at open, its live state at the last replay
+        or its size after the last compaction), and over 1 MiB, compacts it."""
+        if self.compact_ratio is not None and not self.read_only:
+            self._compact_at = max(_COMPACT_ABOVE, int(self.compact_ratio * size))
 
     def _skipped(self, lineno: int, offset: int, length: int, reason: str) -> None:
         self._note("warning", "skipped line %d (byte %d): %s" % (lineno, offset, reason))

@@ -2651,3 +2651,22 @@ def test_a_failed_directory_fsync_leaks_no_descriptor_or_lock(log_path, monkeypa
         assert other.returncode == 0, other.stderr
         p.persist(ev("after", kind="T"))
     assert ("T", "after") in replayed(log_path)
+
+
+def test_with_compact_ratio_a_persist_compacts_once_the_log_reaches_it(tmp_path):
+    folder = tmpfs_dir(tmp_path)
+    try:
+        path = os.path.join(folder, "events.jsonl")
+        with mp.DiskPersister(path, compact_ratio=4) as p:
+            p.replay(len)
+            sizes = []
+            for i in range(12000):  # 50 entities updated over and over: about 3 MB of history
+                p.persist(ev("k%d" % (i % 50), kind="T", n=i, pad="z" * 200))
+                sizes.append(os.path.getsize(path))
+            assert max(sizes) <= (1 << 20) + 300 and sizes[-1] < sizes[len(sizes) // 2 - 1] + (1 << 20)
+            assert sum(1 for a, b in zip(sizes, sizes[1:]) if b < a) >= 2  # it compacted, more than once
+        state = replayed(path)
+        assert len(state) == 50 and all(state[("T", "k%d" % k)]["n"] >= 12000 - 50 for k in range(50))
+    finally:
+        if folder != str(tmp_path):
+            shutil.rmtree(folder)
