@@ -583,6 +583,15 @@ def _parse_line(line: bytes) -> Tuple[Optional[Event], str]:
     return event, ""
 
 
+def _decode_valid(line: bytes) -> Event:
+    """The event of a line ``_parse_line`` accepted: no checks again."""
+    text = line.decode("utf-8")
+    try:
+        return _SCAN(text, 0)[0]  # type: ignore[no-any-return]
+    except StopIteration:  # white space before it
+        return _DECODER.decode(text)  # type: ignore[no-any-return]
+
+
 def _is_blank(line: bytes) -> bool:
     """Whether the Rust reader skips ``line`` as blank (Unicode white space only)."""
     if line[:1] == b"{":
@@ -594,10 +603,13 @@ def _is_blank(line: bytes) -> bool:
 
 
 def _mark(event: Event, how: str) -> Event:
-    """Flag an event read from disk so that the store does not persist it
-    again; one ``restored`` from a snapshot does not re-run its relationship
-    cascades either; one this process wrote is flagged ``own``."""
-    options = dict(event.get("options") or {})
+    """Flag an event read from disk (in place: it was parsed for the store)
+    so that the store does not persist it again; one ``restored`` from a
+    snapshot does not re-run its relationship cascades either; one this
+    process wrote is flagged ``own``."""
+    options = event.get("options")
+    if options is None:
+        options = event["options"] = {}
     options["preventPersist"] = True
     if how == "restored":
         options["preventRelationshipUpdates"] = True
@@ -605,8 +617,6 @@ def _mark(event: Event, how: str) -> Event:
     options.setdefault("fromPeer", None)
     if how == "own":
         options["own"] = True
-    event = dict(event)
-    event["options"] = options
     return event
 
 
@@ -1517,11 +1527,11 @@ class _Scan:
         return sum(len(line) + 1 for line in self.live.values())
 
     def entries(self) -> List[Entry]:
-        """The live lines (then any deletions), parsed again."""
+        """The live lines (then any deletions), parsed again (they were checked)."""
         lines = list(self.live.values())
         if self.deleted:
             lines += self.deleted.values()
-        return [(line, _parse_line(line)[0], "restored") for line in lines]  # type: ignore[misc]
+        return [(line, _decode_valid(line), "restored") for line in lines]
 
     def events(self) -> List[Event]:
         """The live events, marked as restored."""

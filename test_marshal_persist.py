@@ -2670,3 +2670,9 @@ def test_with_compact_ratio_a_persist_compacts_once_the_log_reaches_it(tmp_path)
     finally:
         if folder != str(tmp_path):
             shutil.rmtree(folder)
+
+
+def test_white_space_around_an_event_is_json_and_replays(log_path):
+    os.makedirs(os.path.dirname(log_path))
+    write(log_path, "  " + line(ev("a")).rstrip("\n") + " \t\r\n")
+    assert replayed(log_path) == {("Session", "a"): {"id": "a"}}
