@@ -571,7 +571,7 @@ def _parse_line(line: bytes) -> Tuple[Optional[Event], str]:
         except json.JSONDecodeError as exc:
             if line.startswith(b"\xef\xbb\xbf"):
                 return None, "starts with a byte order mark"
-            return None, "not JSON: %s at column %d" % (exc.msg, exc.colno)
+            return None, "not JSON: %s (column %d)" % (exc.msg, exc.colno)
         except ValueError as exc:  # NaN, 1e400, an integer beyond Python's digit limit
             return None, "not JSON: %s" % exc
     problem = _event_problem(event)
@@ -858,6 +858,8 @@ class DiskPersister:
         try:
             fd = os.open(self.path, _APPEND | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
+            fd = -1
+        if fd < 0:  # outside the handler: an error opening it is not "during" another
             return os.open(self.path, _APPEND)
         os.fchmod(fd, 0o600)
         return fd
@@ -1203,10 +1205,8 @@ class DiskPersister:
         bad = []  # type: List[Tuple[int, int]]
         scan = _scan(fd, self.max_line_bytes, lambda _, offset, length, __: bad.append((offset, length)),
                      deletions=True)
-        valid = scan.lines - scan.malformed
-        if not force and scan.lines and (not valid or scan.malformed > valid):
-            raise ValueError("%s does not look like an event log: %d of its %d lines are malformed; compact "
-                             "it anyway with force=True (--force)" % (self.path, scan.malformed, scan.lines))
+        if not force:
+            scan.check_looks_like_a_log(self.path)
         carried = []  # type: List[bytes]
         tombstones = scan.tombstones()
 
@@ -1227,7 +1227,7 @@ class DiskPersister:
                     bad.append((end, size - end))
             if bad:  # before the swap: these bytes are in no other file
                 self._keep_in_torn_file(fd, bad)
-                self._note("warning", "kept %d malformed lines in %s.torn" % (len(bad), self.path))
+                self._note("warning", "kept %s in %s.torn" % (_plural(len(bad), "malformed line"), self.path))
 
         new_fd = self._write_new_log(lines(), clobber=True, like=st)
         self._switch_to(new_fd, ours=True)
@@ -1266,8 +1266,8 @@ class DiskPersister:
             self.compact()
         elif self.compact_ratio is not None:
             self._compact_when(scan.live_bytes())
-        self._note("info", "replayed %d lines: %d malformed, %d live"
-                   % (scan.lines, scan.malformed, len(scan.live)))
+        self._note("info", "replayed %s: %d malformed, %d live"
+                   % (_plural(scan.lines, "line"), scan.malformed, len(scan.live)))
         self._flush_notes()
         return scan
 
@@ -1522,6 +1522,14 @@ class _Scan:
         assert self.deleted is not None
         return list(self.deleted.values())[-max(_TOMBSTONES, len(self.live)):]
 
+    def check_looks_like_a_log(self, path: str) -> None:
+        """Compaction's refusal of a file that is no log: no valid line, or
+        more malformed lines than valid ones."""
+        valid = self.lines - self.malformed
+        if self.lines and (not valid or self.malformed > valid):
+            raise ValueError("%s does not look like an event log: %d of its %d lines are malformed; compact "
+                             "it anyway with force=True (--force)" % (path, self.malformed, self.lines))
+
     def live_bytes(self) -> int:
         """The size of a log holding only the live lines."""
         return sum(len(line) + 1 for line in self.live.values())
@@ -1740,7 +1748,7 @@ def _read_log(path: str, on_malformed: Callable[[int, int, int, str], None],
         scan = _scan(fd, _DEFAULT_MAX_LINE, on_malformed, deletions)
         size = os.fstat(fd).st_size
         fragment, event = _last_fragment(fd, scan.end, size, _DEFAULT_MAX_LINE)
-    if size == scan.end:
+    if size <= scan.end:  # (less: a file whose size says nothing, as in /proc)
         return scan, ""
     if event is None:
         return scan, "torn tail at byte %d: %d bytes of an unfinished write" % (scan.end, size - scan.end)
@@ -1837,6 +1845,8 @@ def _cli_follow(args: Any, out: _Output, err: Any) -> int:
 def _cli_compact(args: Any, out: _Output, err: Any) -> int:
     if args.dry_run:
         scan, _ = _read_log(args.path, lambda *_: None, deletions=True)
+        if not args.force:
+            scan.check_looks_like_a_log(args.path)
         kept = list(scan.live.values()) + scan.tombstones()
         out.write("%s: would compact %s, %d bytes -> %s, %d bytes (dry run: nothing changed)\n"
                   % (args.path, _plural(scan.lines, "line"), scan.end, _plural(len(kept), "line"),
@@ -1856,6 +1866,8 @@ def _cli_compact(args: Any, out: _Output, err: Any) -> int:
 def _cli_append(args: Any, out: _Output, err: Any) -> int:
     import sys
 
+    if args.event is not None and not args.event.strip():
+        raise _BadInput("the event is empty")
     texts = [args.event] if args.event is not None else sys.stdin.read().splitlines()
     events = []  # type: List[Event]
     for number, text in enumerate(texts, 1):

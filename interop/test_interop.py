@@ -29,7 +29,8 @@ sys.path.insert(0, str(HERE.parent))
 import marshal_persist as mp  # noqa: E402
 
 SEED = HERE / "target" / "release" / "marshal-seed"
-MISSING = ("%s is not built: cargo or the Debian crates are missing; run interop/build.sh"
+MISSING = ("%s is not built: run interop/build.sh (it needs cargo, Debian's crate packages and the "
+           "Rust source, ../shared/reference/disk_persister.rs beside the repository or $MARSHAL_SEED_RS)"
            % SEED.relative_to(HERE.parent))
 
 # The module's blank-line rule; older modules have none and use bytes.isspace.
