@@ -74,6 +74,15 @@ def replayed(path, read_only=False):
     return snapshot(store)
 
 
+def in_threads(work, parts):
+    """Run ``work(part)`` for each part in a thread of its own, and wait for all."""
+    threads = [threading.Thread(target=work, args=(part,)) for part in parts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def wait_until(predicate, timeout=5.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -445,11 +454,7 @@ def test_concurrent_persists_share_syncs_and_keep_each_threads_order(log_path, m
             for i in range(60):
                 p.persist(ev("t%d-%d" % (n, i), kind="T", n=n, i=i))
 
-        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        in_threads(work, range(8))
         assert p.health.as_dict()["total_persisted"] == 480 and p.health.queued == 0
         assert p._group is None
     events = [json.loads(text) for text in read(log_path).splitlines()]
@@ -887,11 +892,7 @@ def test_watcher_with_threads_and_another_process_sees_each_foreign_event_once(w
             elif n != 3:
                 p.persist(ev("own%d-%d" % (n, i), kind="T"))
 
-    threads = [threading.Thread(target=own, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(own, range(4))
     assert proc.wait(60) == 0
     assert wait_until(lambda: len(recorder.ids()) >= 200)
     time.sleep(0.1)
@@ -1815,11 +1816,7 @@ def test_never_glue_beside_an_appender_that_writes_json_and_newline_apart(tmp_pa
             for i in range(2500):
                 p.persist(ev("py-%d-%d" % (n, i), kind="P"))
 
-        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        in_threads(work, range(4))
         write(done, "")
         written = int(appender.communicate(timeout=60)[0])
         p.close()
