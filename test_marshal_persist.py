@@ -1278,10 +1278,11 @@ def test_compaction_with_live_writers_in_other_processes_and_a_shell_appender(lo
     for name in ("w1", "w2"):
         for n in range(375, 400):  # the last value each writer acknowledged per key
             assert state[("T", "%s-%d" % (name, n % 25))]["n"] == n
-    # The shell's `>>` takes no lock: a line it writes into the file a compaction just replaced is
-    # lost (the README says so, and points to `marshal-persist append`); what it does write is whole.
-    assert len({key for key in state if key[1].startswith("sh-")}) > 0
+    # The shell's `>>` takes no lock: a line it writes into the file while a compaction syncs and
+    # renames its copy is lost (the README says so, and points to `marshal-persist append`); a
+    # burst of 300 lines can fall into one such window. What the log holds of it is whole.
     assert b"}{" not in read(log_path) and b"\n\n" not in read(log_path)
+    assert run_cli("check", log_path).returncode == 0
     assert compactions >= 3
 
 
