@@ -324,12 +324,13 @@ def _lockf(fd: int, op: int) -> None:
 
 
 def _write_durably(path: str, chunks: Iterable[bytes], clobber: bool,
-                   like: Optional[os.stat_result] = None) -> int:
+                   like: Optional[os.stat_result] = None, more: Callable[[], bytes] = bytes) -> int:
     """Write ``chunks`` to a new file at ``path`` atomically and durably.
 
     The recipe: a temp file beside ``path`` (mode 0o600, or the mode and
     owner of ``like``), locked while in use (the caller unlocks it), written
-    and fsynced, takes the name: ``os.replace`` when ``clobber``, else
+    and fsynced (then what ``more`` gives, synced, until it gives nothing),
+    takes the name: ``os.replace`` when ``clobber``, else
     ``os.link``, which raises ``FileExistsError`` rather than overwrite; then
     the directory is fsynced.  A crash leaves the old state or the new, never
     a mix.  Returns a read/append descriptor of the new file.
@@ -352,7 +353,12 @@ def _write_durably(path: str, chunks: Iterable[bytes], clobber: bool,
                 _write_all(fd, b"".join(pending))
                 pending, size = [], 0
         _write_all(fd, b"".join(pending))
-        os.fsync(fd)
+        while True:  # synced, then whatever more() gives, until it gives nothing
+            os.fsync(fd)
+            extra = more()
+            if not extra:
+                break
+            _write_all(fd, extra)
         if clobber:
             os.replace(tmp, path)
         else:
@@ -959,7 +965,8 @@ class DiskPersister:
             _make_dirs(os.path.dirname(self.path))
             scan = _scan(fd, self.max_line_bytes, lambda *args: None)
             try:
-                new_fd = self._write_new_log(scan.live.values(), clobber=False, like=os.fstat(fd))
+                new_fd = _write_durably(self.path, (line + b"\n" for line in scan.live.values()), False,
+                                        os.fstat(fd))
             except FileExistsError:
                 pass  # another process recreated it first
             else:
@@ -968,9 +975,6 @@ class DiskPersister:
                 return new_fd, True
         self._note("info", "the log was replaced; following the new file")
         return os.open(self.path, _APPEND), False
-
-    def _write_new_log(self, lines: Iterable[bytes], clobber: bool, like: os.stat_result) -> int:
-        return _write_durably(self.path, (line + b"\n" for line in lines), clobber, like)
 
     def _switch_to(self, fd: int, ours: bool) -> None:
         """Make ``fd`` the log.  The watcher reads the old file's unread lines
@@ -1209,27 +1213,31 @@ class DiskPersister:
             scan.check_looks_like_a_log(self.path)
         carried = []  # type: List[bytes]
         tombstones = scan.tombstones()
+        read_to = [scan.end]
 
-        def lines() -> Iterator[bytes]:
-            yield from scan.live.values()
-            yield from tombstones
-            # Appended since the scan by writers that do not lock: read at the
-            # last moment, and kept after everything else, so no key is reordered.
-            end = _complete_lines(fd, scan.end, self.max_line_bytes, carried, bad)
-            yield from carried
+        def late() -> bytes:
+            """What writers that do not lock appended since the last look, kept
+            after everything else (no key is reordered).  Asked again after
+            each sync of the copy until nothing came, so that only the rename's
+            own instant is left for them to lose a line in."""
+            found = []  # type: List[bytes]
+            read_to[0] = _complete_lines(fd, read_to[0], self.max_line_bytes, found, bad)
             size = os.fstat(fd).st_size
-            if end < size:
-                fragment, event = _last_fragment(fd, end, size, self.max_line_bytes)
+            if not found and read_to[0] < size:  # an unterminated last line: whole, or torn
+                fragment, event = _last_fragment(fd, read_to[0], size, self.max_line_bytes)
                 if event is not None:
-                    carried.append(fragment)
-                    yield fragment
+                    found.append(fragment)
                 else:
-                    bad.append((end, size - end))
-            if bad:  # before the swap: these bytes are in no other file
+                    bad.append((read_to[0], size - read_to[0]))
+                read_to[0] = size
+            carried.extend(found)
+            if not found and bad:  # the last look, before the swap: these bytes are in no other file
                 self._keep_in_torn_file(fd, bad)
                 self._note("warning", "kept %s in %s.torn" % (_plural(len(bad), "malformed line"), self.path))
+            return b"".join(line + b"\n" for line in found)
 
-        new_fd = self._write_new_log(lines(), clobber=True, like=st)
+        new_fd = _write_durably(self.path, (line + b"\n" for line in list(scan.live.values()) + tombstones),
+                                True, st, late)
         self._switch_to(new_fd, ours=True)
         self._compact_when(os.fstat(new_fd).st_size)
         return {"lines_before": scan.lines + len(carried), "bytes_before": os.fstat(fd).st_size,
@@ -1452,13 +1460,13 @@ class _Lines:
 
 def _complete_lines(fd: int, start: int, max_line: int, out: List[bytes],
                     too_long: List[Tuple[int, int]]) -> int:
-    """Add the complete lines of ``fd`` from ``start`` to ``out`` (the byte
-    ranges of over-long ones to ``too_long``); returns where they end."""
+    """Add the complete, non-blank lines of ``fd`` from ``start`` to ``out``
+    (the byte ranges of over-long ones to ``too_long``); returns where they end."""
     lines = _Lines(fd, start, max_line)
     for offset, line in lines:
         if line is None:
             too_long.append((offset, lines.end - 1 - offset))
-        else:
+        elif not _is_blank(line):
             out.append(line)
     return lines.end
 

@@ -2675,3 +2675,19 @@ def test_white_space_around_an_event_is_json_and_replays(log_path):
     os.makedirs(os.path.dirname(log_path))
     write(log_path, "  " + line(ev("a")).rstrip("\n") + " \t\r\n")
     assert replayed(log_path) == {("Session", "a"): {"id": "a"}}
+
+
+def test_a_line_appended_while_compaction_syncs_its_copy_is_carried_over(log_path, monkeypatch):
+    history(log_path)
+    real_fsync, landed = os.fsync, []
+
+    def fsync_while_a_shell_appends(fd):  # a `>>` that takes no lock lands during the copy's sync
+        real_fsync(fd)
+        if not landed and os.path.basename(os.readlink("/proc/self/fd/%d" % fd)).endswith(".tmp"):
+            landed.append(fd)
+            write(log_path, line(ev("during-sync", kind="T")))
+
+    monkeypatch.setattr(os, "fsync", fsync_while_a_shell_appends)
+    with mp.DiskPersister(log_path) as p:
+        p.compact()
+    assert landed and ("T", "during-sync") in replayed(log_path)
