@@ -342,7 +342,10 @@ def _write_durably(path: str, chunks: Iterable[bytes], clobber: bool,
     except PermissionError as exc:
         raise PermissionError(exc.errno, "cannot create a file here", folder) from None
     try:
-        _lock_quietly(fd)
+        try:  # marks it as in use, see DiskPersister._sweep_temp_files
+            _lockf(fd, os.F_LOCK)
+        except OSError:
+            pass  # a filesystem without locks
         _take_mode_and_owner(fd, like, path)
         pending = []  # type: List[bytes]
         size = 0
@@ -366,7 +369,10 @@ def _write_durably(path: str, chunks: Iterable[bytes], clobber: bool,
         _fsync_dir(folder)
     except BaseException:
         os.close(fd)
-        _unlink_quietly(tmp)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass  # gone once it took the name
         raise
     return fd
 
@@ -384,21 +390,6 @@ def _link_or_rename(tmp: str, path: str) -> None:
         os.rename(tmp, path)
     else:
         os.unlink(tmp)
-
-
-def _lock_quietly(fd: int) -> None:
-    """Mark a temp file as in use (see ``DiskPersister._sweep_temp_files``)."""
-    try:
-        _lockf(fd, os.F_LOCK)
-    except OSError:
-        pass
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _take_mode_and_owner(fd: int, like: Optional[os.stat_result], path: str) -> None:
