@@ -22,10 +22,7 @@ MODULE = pl.DEFAULT_MODULE
 # crash state can tell apart from the module: removing the call changes nothing any
 # workload is owed.  Each must still exist and must still go uncaught: a stale entry
 # fails the test, so the set stays exact.
-NOT_CATCHABLE = {
-    "_datasync: os.fsync(fd)":
-        "the fallback for platforms without fdatasync: on Linux it never runs",
-}
+NOT_CATCHABLE = {}
 
 
 @pytest.fixture(scope="module")
