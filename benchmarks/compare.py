@@ -1,0 +1,93 @@
+"""Durable single writes of two or more versions of marshal_persist.py, side by side.
+
+    git show HEAD~5:marshal_persist.py > /tmp/old.py
+    python benchmarks/compare.py /tmp/old.py marshal_persist.py
+
+Each version writes the same 1,000 events with ``persist`` from 1 and from 8
+threads, interleaved with the bare ``os.write`` + ``fdatasync`` loop and (if
+plyvel is installed) LevelDB with 8 threads, as in ``bench.py``: the medians
+and the ratios within one run are the result, not the absolute numbers.
+"""
+
+import argparse
+import importlib.util
+import os
+import random
+import shutil
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench
+
+
+def load(path, index):
+    spec = importlib.util.spec_from_file_location("marshal_persist_%d" % index, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("versions", nargs="+", help="copies of marshal_persist.py")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--events", type=int, default=1000)
+    args = parser.parse_args()
+    modules = {path: load(path, i) for i, path in enumerate(args.versions)}
+    rng = random.Random(1)
+    events = [bench.event(rng, 1000, n, delete_share=0) for n in range(args.events)]
+    lines = [bench.encode(e) for e in events]
+    folder = tempfile.mkdtemp(prefix=".scratch-marshal-compare-", dir=bench.scratch_parent())
+
+    def bare():
+        fd = os.open(bench.fresh(folder, "bare.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+        def work():
+            for data in lines:
+                os.write(fd, data)
+                os.fdatasync(fd)
+        return work, lambda: os.close(fd)
+
+    def writes(open_store, threads):
+        def prepare():
+            path = bench.fresh_dir(folder, "store")
+            store, writers = open_store(path, threads)
+
+            def cleanup():
+                store.close()
+                shutil.rmtree(path)
+            return lambda: bench.run_writes(writers, events), cleanup
+        return prepare
+
+    def persister(module):
+        def open_store(path, threads):
+            log = module.DiskPersister(os.path.join(path, "events.jsonl"))
+            return log, [log.persist] * threads
+        return open_store
+
+    def leveldb(path, threads):
+        store = bench.LevelDB(path)
+        return store, store.writers(threads)
+
+    methods = {"bare": bare}
+    if bench.missing("leveldb") is None:
+        methods["LevelDB 8"] = writes(leveldb, 8)
+    for path, module in modules.items():
+        for threads in (1, 8):
+            methods["%s %d" % (path, threads)] = writes(persister(module), threads)
+    try:
+        rates = bench.interleaved_rates(args.rounds, args.events, methods)
+    finally:
+        shutil.rmtree(folder)
+    reference = "LevelDB 8" if "LevelDB 8" in rates else "bare"
+    print("durable single writes, medians of %d interleaved rounds of %d events"
+          % (args.rounds, args.events))
+    bench.table(("", "writes/s", "vs bare", "vs " + reference),
+                [(name, "%.0f" % rate, "%.3fx" % (rate / rates["bare"]), "%.3fx" % (rate / rates[reference]))
+                 for name, rate in rates.items()], "<>>>")
+
+
+if __name__ == "__main__":
+    main()
