@@ -378,6 +378,34 @@ def test_invalid_events_are_refused_and_write_nothing(log_path, bad, reason):
     assert read(log_path) == line(ev("fine")).encode()
 
 
+CYCLE_IN_A_SMALL_THREAD = """
+import sys, threading
+import marshal_persist as mp
+threading.stack_size(256 * 1024)
+value = {}
+value["self"] = value
+outcome = []
+def work():
+    with mp.DiskPersister(sys.argv[1]) as p:
+        try:
+            p.persist({"item": {"id": "a", "v": value}, "changeType": "SET", "itemType": "T"})
+        except mp.PersistError as exc:
+            outcome.append(exc.message)
+t = threading.Thread(target=work)
+t.start()
+t.join()
+print(outcome[0])
+"""
+
+
+def test_an_event_with_a_cycle_is_refused_even_in_a_thread_with_a_small_stack(log_path):
+    out = subprocess.run([sys.executable, "-c", CYCLE_IN_A_SMALL_THREAD, log_path], cwd=HERE,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Circular reference" in out.stdout
+    assert read(log_path) == b""
+
+
 def test_an_event_longer_than_max_line_bytes_is_refused_before_anything_is_written(log_path):
     with mp.DiskPersister(log_path, max_line_bytes=200) as p:
         p.persist(ev("fits", pad="x" * 100))
