@@ -769,7 +769,8 @@ def check_sync(folder, writes, rounds=3):
     without strace."""
     if shutil.which("strace") is None:
         sys.exit("--check-sync needs strace (apt-get install strace)")
-    names = ["bare", "persist"] + [name for name in PEERS if missing(name) is None]
+    names = ["bare", "persist", "skeleton", "locked_skeleton"]
+    names += [name for name in PEERS if missing(name) is None]
     rows, per_write = {}, {}
     for name in names:
         idle = sync_counts(name, 0, 1, folder)

@@ -1,12 +1,14 @@
 """Durable single writes of two or more versions of marshal_persist.py, side by side.
 
-    git show HEAD~5:marshal_persist.py > /tmp/old.py
-    python benchmarks/compare.py /tmp/old.py marshal_persist.py
+    git show 407c576:marshal_persist.py > /tmp/old.py
+    python benchmarks/compare.py /tmp/old.py marshal_persist.py [--rounds 21]
 
-Each version writes the same 1,000 events with ``persist`` from 1 and from 8
+Each version writes the same events with ``persist`` from 1 and from 8
 threads, interleaved with the bare ``os.write`` + ``fdatasync`` loop and (if
 plyvel is installed) LevelDB with 8 threads, as in ``bench.py``: the medians
-and the ratios within one run are the result, not the absolute numbers.
+and the ratios within one run are the result, not the absolute numbers.  Then
+the CPU time of one ``persist`` of each version, one thread, with the log on
+tmpfs (where fsync costs nothing), the median of interleaved rounds.
 """
 
 import argparse
@@ -14,8 +16,10 @@ import importlib.util
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,8 +36,8 @@ def load(path, index):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("versions", nargs="+", help="copies of marshal_persist.py")
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--events", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
+    parser.add_argument("--events", type=int, default=1000, help="events per run (default 1000)")
     args = parser.parse_args()
     modules = {path: load(path, i) for i, path in enumerate(args.versions)}
     rng = random.Random(1)
@@ -87,6 +91,30 @@ def main():
     bench.table(("", "writes/s", "vs bare", "vs " + reference),
                 [(name, "%.0f" % rate, "%.3fx" % (rate / rates["bare"]), "%.3fx" % (rate / rates[reference]))
                  for name, rate in rates.items()], "<>>>")
+    cpu = cpu_per_persist(modules, events, args.rounds)
+    print("\nCPU per persist, 1 thread, log on %s, medians of %d interleaved rounds" % (TMPFS, args.rounds))
+    bench.table(("", "µs"), [(path, "%.2f" % (seconds * 1e6)) for path, seconds in cpu.items()], "<>")
+
+
+TMPFS = bench.TMPFS if os.path.isdir(bench.TMPFS) else tempfile.gettempdir()
+
+
+def cpu_per_persist(modules, events, rounds):
+    """Median process CPU seconds of one ``persist`` of each module, 1 thread."""
+    times = {path: [] for path in modules}
+    folder = tempfile.mkdtemp(prefix=".scratch-marshal-compare-", dir=TMPFS)
+    try:
+        for _ in range(rounds):
+            for path, module in modules.items():
+                log = module.DiskPersister(os.path.join(bench.fresh_dir(folder, "cpu"), "events.jsonl"))
+                start = time.process_time()
+                for e in events:
+                    log.persist(e)
+                times[path].append((time.process_time() - start) / len(events))
+                log.close()
+    finally:
+        shutil.rmtree(folder)
+    return {path: statistics.median(values) for path, values in times.items()}
 
 
 if __name__ == "__main__":
