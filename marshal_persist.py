@@ -427,7 +427,6 @@ _DIGITS_AS_ZEROS = bytes.maketrans(b"123456789", b"000000000")
 _WHITESPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006" \
               "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_MAKE_ENCODER = json.encoder.c_make_encoder  # type: ignore[attr-defined]  # None without the C accelerator
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=lambda t: _out_of_range(float(t)))
 _SCAN = _DECODER.scan_once  # type: ignore[attr-defined]  # the C scanner behind decode(), minus two regexes
 _CHECKING_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_DECODER.parse_float,
@@ -513,17 +512,6 @@ def _repeats_a_key(line: bytes, event: Event) -> bool:
     return line.count(b'":') > len(event) + len(event["item"]) + len(event.get("options") or ())
 
 
-def _json_text(event: Any) -> str:
-    """``_ENCODER.encode(event)`` minus its Python layers: the C encoder it
-    builds, with a markers dict of its own, so that a cycle is refused at
-    once rather than recursing in C until the stack of a small thread ends."""
-    if _MAKE_ENCODER is None:
-        return _ENCODER.encode(event)
-    encode = _MAKE_ENCODER({}, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",",
-                           False, False, False)
-    return "".join(encode(event, 0))
-
-
 def _snapshot(event: Any) -> Any:
     """A copy of what validation looks at, so that a thread changing the
     caller's dict cannot slip an unchecked value between check and encoding."""
@@ -542,7 +530,7 @@ def _encode_event(event: Any, max_line: int) -> bytes:
     problem = _event_problem(event)
     if problem is None:
         try:
-            line = (_json_text(event) + "\n").encode("utf-8")  # refuses a lone surrogate too
+            line = (_ENCODER.encode(event) + "\n").encode("utf-8")  # refuses a lone surrogate too
         except (TypeError, ValueError, RecursionError) as exc:
             problem = "not serializable as JSON: %s" % exc
         else:  # a dict has no key twice and encoding refused a lone surrogate: the rest needs length
