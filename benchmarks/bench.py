@@ -2,7 +2,7 @@
 durable stores a Python program would use instead.
 
     python benchmarks/bench.py                # the full run (about 5 minutes)
-    python benchmarks/bench.py --quick        # a smaller run, under a minute
+    python benchmarks/bench.py --quick        # a smaller run, about a minute
     python benchmarks/bench.py --check-sync   # strace: does every store sync per write?
 
 Every figure is the median of several rounds, and in every round each system
@@ -511,10 +511,10 @@ def bare_replay(path):
 
 
 def recovery_figures(folder, count, keys, chunk, runs, peers):
-    """Write the same history into every store, in durable chunks; then time,
-    on a fresh copy in each round, the first open-and-read-all after it (for
-    marshal_persist with compact_ratio=4 that includes the compaction it
-    triggers) and a second one on the same copy."""
+    """Write the same history into every store, in durable chunks (with
+    compact_ratio=4 the persists that make the log 4x compact it as it is
+    written); then time, on a fresh copy in each round, the first
+    open-and-read-all after it and a second one on the same copy."""
     rng = random.Random(4)
     history = [event(rng, keys, n) for n in range(count)]
     live = len(latest_per_key(history))
@@ -919,7 +919,7 @@ def main():
               "%.3f" % s[system + " again"], "%.1f MB" % (size["history"] / 1e6),
               "%.1f MB" % (size["recovered"] / 1e6), "%.2f" % size["writing"])
              for system, size in sizes.items()]
-    table(("", "first s", "vs c4 row", "again s", "on disk", "after first", "writing s"), rows, "<>>>>>>")
+    table(("", "first s", "vs c4 row", "again s", "on disk", "after", "writing s"), rows, "<>>>>>>")
     leveldb = s.get("leveldb")
     targets.append(("recovery with compact_ratio=4 <= 1.5x LevelDB's",
                     None if leveldb is None else reference / leveldb, 1.5, -1, "x"))
