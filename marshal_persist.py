@@ -1165,7 +1165,7 @@ class DiskPersister:
         """Rewrite the log to its live state, atomically; returns figures.
 
         The live SET lines, as stored, in the file order of their last
-        occurrence, then the latest DELs (see ``_Scan.tombstones``), go to a
+        occurrence, then the latest DELs (see ``_Scan.kept``), go to a
         temp file that replaces the log (the durable rename recipe) with the
         log's mode, owner and group.  Malformed and over-long lines are kept
         whole in ``<log>.torn``.  A log with other hard links is refused, and
@@ -1199,7 +1199,7 @@ class DiskPersister:
         if not force:
             scan.check_looks_like_a_log(self.path)
         carried = []  # type: List[bytes]
-        tombstones = scan.tombstones()
+        kept = scan.kept()
         read_to = [scan.end]
 
         def late() -> bytes:
@@ -1223,12 +1223,11 @@ class DiskPersister:
                 self._note("warning", "kept %s in %s.torn" % (_plural(len(bad), "malformed line"), self.path))
             return b"".join(line + b"\n" for line in found)
 
-        new_fd = _write_durably(self.path, (line + b"\n" for line in list(scan.live.values()) + tombstones),
-                                True, st, late)
+        new_fd = _write_durably(self.path, (line + b"\n" for line in kept), True, st, late)
         self._switch_to(new_fd, ours=True)
         self._compact_when(os.fstat(new_fd).st_size)
         return {"lines_before": scan.lines + len(carried), "bytes_before": os.fstat(fd).st_size,
-                "lines_after": len(scan.live) + len(tombstones) + len(carried),
+                "lines_after": len(kept) + len(carried),
                 "bytes_after": os.fstat(new_fd).st_size,
                 "live": len(scan.live), "malformed": len(bad)}
 
@@ -1508,14 +1507,14 @@ class _Scan:
         if self.deleted is not None:
             _remember(self.deleted, key, not is_set, line)
 
-    def tombstones(self) -> List[bytes]:
-        """The DELs compaction keeps: the most recent, as many as there are
-        live entities (at least 1,000).  A watcher that never saw the file
-        a DEL was written to (it was replaced twice between two looks)
-        learns of the deletion from them; it can miss one only if more
-        deletions than that came in between."""
+    def kept(self) -> List[bytes]:
+        """What compaction keeps: the live lines, then the most recent DELs,
+        as many as there are live entities (at least 1,000).  A watcher that
+        never saw the file a DEL was written to (it was replaced twice between
+        two looks) learns of the deletion from them; it can miss one only if
+        more deletions than that came in between."""
         assert self.deleted is not None
-        return list(self.deleted.values())[-max(_TOMBSTONES, len(self.live)):]
+        return list(self.live.values()) + list(self.deleted.values())[-max(_TOMBSTONES, len(self.live)):]
 
     def check_looks_like_a_log(self, path: str) -> None:
         """Compaction's refusal of a file that is no log: no valid line, or
@@ -1842,7 +1841,7 @@ def _cli_compact(args: Any, out: _Output, err: Any) -> int:
         scan, _ = _read_log(args.path, lambda *_: None, deletions=True)
         if not args.force:
             scan.check_looks_like_a_log(args.path)
-        kept = list(scan.live.values()) + scan.tombstones()
+        kept = scan.kept()
         out.write("%s: would compact %s, %d bytes -> %s, %d bytes (dry run: nothing changed)\n"
                   % (args.path, _plural(scan.lines, "line"), scan.end, _plural(len(kept), "line"),
                      sum(len(line) + 1 for line in kept)))
