@@ -70,7 +70,7 @@ ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # dumps()
 
 def encode(e):
     """One log line, as the format defines it (compact JSON, UTF-8, newline)."""
-    return dumps(e).encode() + b"\n"
+    return ENCODER.encode(e).encode() + b"\n"
 
 
 def key_of(e):
@@ -163,8 +163,8 @@ class Persist:
     label = "marshal_persist"
     needs = None
 
-    def __init__(self, folder, compact_ratio=None):
-        self.log = mp.DiskPersister(os.path.join(folder, "events.jsonl"), compact_ratio=compact_ratio)
+    def __init__(self, folder, compact_ratio=None, module=mp):  # module: another copy, for compare.py
+        self.log = module.DiskPersister(os.path.join(folder, "events.jsonl"), compact_ratio=compact_ratio)
 
     def writers(self, threads):
         return [self.log.persist] * threads
@@ -377,7 +377,7 @@ class Skeleton:
         return [self.write] * threads
 
     def write(self, e):
-        line = ENCODER.encode(e).encode() + b"\n"
+        line = encode(e)
         with self.joining:
             group = self.group
             if group is None:
@@ -439,12 +439,10 @@ def missing(name):
 # --- 1. durable single writes -----------------------------------------------------------------------
 
 
-def durable_writes(folder, count, runs, peers):
-    rng = random.Random(1)
-    events = [event(rng, 1000, n, delete_share=0) for n in range(count)]
-    lines = [encode(e) for e in events]
-
-    def bare():
+def bare_writes(folder, lines):
+    """The physical reference, as a method for ``interleaved_times``: one
+    ``os.write`` and one ``fdatasync`` per pre-encoded line, one thread."""
+    def prepare():
         fd = os.open(fresh(folder, "bare.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
         def work():
@@ -452,6 +450,27 @@ def durable_writes(folder, count, runs, peers):
                 os.write(fd, data)
                 os.fdatasync(fd)
         return work, lambda: os.close(fd)
+    return prepare
+
+
+def store_writes(folder, open_store, threads, events):
+    """A method for ``interleaved_times``: ``events`` written by ``threads``
+    writers of the store ``open_store(path)`` makes in a fresh folder."""
+    def prepare():
+        path = fresh_dir(folder, "store")
+        store = open_store(path)
+        writers = store.writers(threads)
+
+        def cleanup():
+            store.close()
+            shutil.rmtree(path)
+        return lambda: run_writes(writers, events), cleanup
+    return prepare
+
+
+def durable_writes(folder, count, runs, peers):
+    rng = random.Random(1)
+    events = [event(rng, 1000, n, delete_share=0) for n in range(count)]
 
     def batches(size):
         def prepare():
@@ -464,18 +483,9 @@ def durable_writes(folder, count, runs, peers):
         return prepare
 
     def stored(name, threads, where=folder):
-        def prepare():
-            path = fresh_dir(where, "store-" + name)
-            store = STORES[name](path)
-            writers = store.writers(threads)
+        return store_writes(where, STORES[name], threads, events)
 
-            def cleanup():
-                store.close()
-                shutil.rmtree(path)
-            return lambda: run_writes(writers, events), cleanup
-        return prepare
-
-    methods = {"bare": bare}
+    methods = {"bare": bare_writes(folder, [encode(e) for e in events])}
     for name in ("skeleton", "locked_skeleton", "persist"):
         methods[name + "/1"] = stored(name, 1)
         methods[name + "/8"] = stored(name, 8)

@@ -42,45 +42,14 @@ def main():
     modules = {path: load(path, i) for i, path in enumerate(args.versions)}
     rng = random.Random(1)
     events = [bench.event(rng, 1000, n, delete_share=0) for n in range(args.events)]
-    lines = [bench.encode(e) for e in events]
     folder = tempfile.mkdtemp(prefix=".scratch-marshal-compare-", dir=bench.scratch_parent())
-
-    def bare():
-        fd = os.open(bench.fresh(folder, "bare.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-
-        def work():
-            for data in lines:
-                os.write(fd, data)
-                os.fdatasync(fd)
-        return work, lambda: os.close(fd)
-
-    def writes(open_store, threads):
-        def prepare():
-            path = bench.fresh_dir(folder, "store")
-            store, writers = open_store(path, threads)
-
-            def cleanup():
-                store.close()
-                shutil.rmtree(path)
-            return lambda: bench.run_writes(writers, events), cleanup
-        return prepare
-
-    def persister(module):
-        def open_store(path, threads):
-            log = module.DiskPersister(os.path.join(path, "events.jsonl"))
-            return log, [log.persist] * threads
-        return open_store
-
-    def leveldb(path, threads):
-        store = bench.LevelDB(path)
-        return store, store.writers(threads)
-
-    methods = {"bare": bare}
+    methods = {"bare": bench.bare_writes(folder, [bench.encode(e) for e in events])}
     if bench.missing("leveldb") is None:
-        methods["LevelDB 8"] = writes(leveldb, 8)
+        methods["LevelDB 8"] = bench.store_writes(folder, bench.LevelDB, 8, events)
     for path, module in modules.items():
         for threads in (1, 8):
-            methods["%s %d" % (path, threads)] = writes(persister(module), threads)
+            methods["%s %d" % (path, threads)] = bench.store_writes(
+                folder, lambda store, module=module: bench.Persist(store, module=module), threads, events)
     try:
         rates = bench.interleaved_rates(args.rounds, args.events, methods)
     finally:
