@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover - never runs; for type checkers only
     from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
     Event = Dict[str, Any]
-    ApplyBatch = Callable[[List[Event]], Any]
+    ApplyBatch = Callable[[List[Any]], Any]
     Key = Tuple[str, str]
     Entry = Tuple[bytes, Event, str]  # a line, its event, and how it is marked
     T = TypeVar("T")
@@ -528,6 +528,8 @@ def _encode_event(event: Any, max_line: int) -> bytes:
     """The line of an event (a snapshot), ``\n`` included; raises
     PersistError if the Rust reader or replay would not take it back."""
     problem = _event_problem(event)
+    if problem is None and "own" in (event.get("options") or ()):
+        problem = "options.own is the reader's mark of this process's own events, never persisted"
     if problem is None:
         try:
             line = (_ENCODER.encode(event) + "\n").encode("utf-8")  # refuses a lone surrogate too
@@ -610,6 +612,8 @@ def _mark(event: Event, how: str) -> Event:
     options.setdefault("fromPeer", None)
     if how == "own":
         options["own"] = True
+    else:  # only the origin of a line says it is own, never the line
+        options.pop("own", None)
     return event
 
 
@@ -658,36 +662,37 @@ def _write_all(fd: int, data: bytes) -> None:
 def _append(fd: int, data: bytes) -> Tuple[int, int]:
     """Append ``data``; returns where it starts and where the file ended after
     it.  ``end - start > len(data)`` when a short write let another writer's
-    bytes in between.  On failure, what of it reached the file is cut off."""
+    bytes in between."""
     written = os.write(fd, data)  # O_APPEND: the kernel places it at the end, whole
     end = os.lseek(fd, 0, os.SEEK_CUR)
     start = end - written
-    try:
-        while written < len(data):  # a short write: a signal, or a full disk
-            step = os.write(fd, data[written:])
-            if step <= 0:
-                raise OSError("write made no progress")
-            written += step
-            end = os.lseek(fd, 0, os.SEEK_CUR)
-    except BaseException:
-        _cut_back(fd, start, data[:written])
-        raise
+    while written < len(data):  # a short write: a signal, or a full disk
+        step = os.write(fd, data[written:])
+        if step <= 0:
+            raise OSError("write made no progress")
+        written += step
+        end = os.lseek(fd, 0, os.SEEK_CUR)
     return start, end
 
 
-def _cut_back(fd: int, start: int, data: bytes) -> None:
-    """Remove ``data``, appended at ``start``, while nothing follows it."""
+def _cut_back(fd: int, before: int, data: bytes) -> None:
+    """Remove what of ``data`` reached the file, which was ``before`` bytes
+    long when it was appended, while nothing follows it: all of it at the
+    end, or the part of it that starts at ``before``."""
     try:
         size = os.fstat(fd).st_size
-        if size == start + len(data) and os.pread(fd, len(data), start) == data:
-            os.ftruncate(fd, start)
-            os.fsync(fd)
+        for start in (size - len(data), before):
+            length = size - start
+            if start >= before and 0 < length <= len(data) and os.pread(fd, length, start) == data[:length]:
+                os.ftruncate(fd, start)
+                os.fsync(fd)
+                return
     except OSError:
         pass  # the next open's torn-tail repair and the never-glue rule still cover it
 
 
-def _nothing(fd: int) -> None:
-    pass
+def _size(fd: int, size: int) -> int:
+    return size
 
 
 def _identity(st: os.stat_result) -> Tuple[int, int]:
@@ -759,15 +764,7 @@ class DiskPersister:
         self._end = -1  # where this process's last write ended
         self._name_synced = True  # whether the log's directory entry is known to be durable
         self._compact_at = None  # type: Optional[int]  # the size at which a persist compacts
-        # What the watcher has read: up to _pos (None: nothing to follow yet),
-        # whose last line is _last; _pending, read but not yet handed over.
-        self._pos = None  # type: Optional[int]
-        self._last = b""
-        self._pending = []  # type: List[Entry]
-        self._keys = set()  # type: set[Key]  # what the store was given, for the reload's count
-        self._watcher = None  # type: Optional[Watcher]
-        self._deliver_lock = threading.Lock()
-        self._deliverer = None  # type: Optional[int]
+        self._tail = _Tail(self)  # everything the read side knows
         # The log's descriptor, what the watcher read, and lockf (see _device_lock).
         if read_only:
             self._fd = self._open()
@@ -806,12 +803,10 @@ class DiskPersister:
             if self._closed:
                 return
             self._closed = True
-            watcher, self._watcher = self._watcher, None
+            watcher = self._tail.watcher
         if watcher is not None:
             watcher.stop()
-        if self._deliverer != threading.get_ident():
-            with self._deliver_lock:
-                pass
+        self._tail.wait_for_delivery()
         with self._lock:
             os.close(self._fd)
         self._flush_notes()
@@ -911,11 +906,12 @@ class DiskPersister:
 
     # --- following the path -------------------------------------------------------
 
-    def _locked(self, action: Callable[[int], T]) -> T:
-        """``action(fd)`` with ``fd`` the file the path names now, under its
-        ``lockf`` lock: a replaced log is reopened, a deleted one recreated
-        from this descriptor's live state first.  Call with ``self._lock``.
-        A read-only persister takes no lock and waits for a deleted log."""
+    def _locked(self, action: Callable[[int, int], T]) -> T:
+        """``action(fd, size)`` with ``fd`` the file the path names now and
+        its size, under its ``lockf`` lock: a replaced log is reopened, a
+        deleted one recreated from this descriptor's live state first.  Call
+        with ``self._lock``.  A read-only persister takes no lock and waits
+        for a deleted log."""
         while True:
             self._check_open()
             fd = self._fd
@@ -927,11 +923,11 @@ class DiskPersister:
                     if not self._name_synced:  # here, so that the sync cannot widen a race with a compactor
                         _fsync_dir(os.path.dirname(self.path))
                         self._name_synced = True
-                    return action(fd)
-                new_fd, ours = self._replacement(fd, st)
-                if new_fd is None:
-                    return action(fd)  # read-only, and the log is gone: go on with what it was
-                self._switch_to(new_fd, ours)
+                    return action(fd, st.st_size)
+                new_fd, ours, old_end = self._replacement(fd, st)
+                if new_fd is None:  # read-only, and the log is gone: go on with what it was
+                    return action(fd, os.fstat(fd).st_size)
+                self._switch_to(new_fd, ours, old_end)
             finally:
                 if self._can_lock:
                     _lockf(fd, os.F_ULOCK)
@@ -940,14 +936,16 @@ class DiskPersister:
                     if self._can_lock:  # one this process wrote comes locked (see _write_durably)
                         _lockf(self._fd, os.F_ULOCK)
 
-    def _replacement(self, fd: int, st: Optional[os.stat_result]) -> Tuple[Optional[int], bool]:
-        """The descriptor of the file the path names now, and whether this
-        process wrote it (recreating the deleted log from ``fd``)."""
+    def _replacement(self, fd: int, st: Optional[os.stat_result]) -> Tuple[Optional[int], bool, int]:
+        """The descriptor of the file the path names now, whether this
+        process wrote it (recreating the deleted log from ``fd``), and how
+        much of ``fd`` went into it."""
+        old_end = os.fstat(fd).st_size
         if self.read_only:
             try:
-                return os.open(self.path, os.O_RDONLY), False
+                return os.open(self.path, os.O_RDONLY), False, old_end
             except FileNotFoundError:
-                return None, False
+                return None, False, old_end
         if st is None:
             _make_dirs(os.path.dirname(self.path))
             scan = _scan(fd, self.max_line_bytes, lambda *args: None)
@@ -959,40 +957,29 @@ class DiskPersister:
             else:
                 self._note("warning", "the log was deleted; recreated it with its %d live entities"
                            % len(scan.live))
-                return new_fd, True
+                return new_fd, True, scan.end
         self._note("info", "the log was replaced; following the new file")
-        return os.open(self.path, _APPEND), False
+        return os.open(self.path, _APPEND), False, old_end
 
-    def _switch_to(self, fd: int, ours: bool) -> None:
-        """Make ``fd`` the log.  The watcher reads the old file's unread lines
-        first, then reloads the new file, unless this process wrote it (its
-        content is the state the store is given already)."""
+    def _switch_to(self, fd: int, ours: bool, old_end: int) -> None:
+        """Make ``fd`` the log; ``ours`` if this process wrote it from the
+        old file's content up to ``old_end``."""
         old_fd, self._fd, self._ident, self._end = self._fd, fd, _identity(os.fstat(fd)), -1
-        if self._pos is None:
-            pass
-        elif self._watcher is None:  # nothing follows yet: the watcher will read the new file whole
-            self._pos, self._last = 0, b""
-        else:
-            self._read_lines(old_fd, self._pos)
-            if ours:
-                self._pos, self._last = _end_and_last_line(fd)
-            else:
-                self._reload()
+        self._tail.switched(old_fd, old_end, fd, ours)
         # The new name must be durable before anything is acknowledged (a file this process wrote
         # has its name made durable already); synced under the new file's lock, see _locked.
         self._name_synced = ours or self.read_only
 
-    def _repair_torn_tail(self, fd: int) -> None:
+    def _repair_torn_tail(self, fd: int, size: int) -> None:
         """A last line without ``\\n``: terminate it if it is a whole event,
         else, if it is the start of one that a crash cut short, move it to
         ``<log>.torn`` and cut it off.  Other bytes (a file that is no log)
         are left as they are; the next append is not glued to them anyway.
         The open's fsync of the log makes the repair durable."""
-        size = os.fstat(fd).st_size
         start = _after_last_newline(fd, size)
         if start == size or os.pread(fd, 1, start) != b"{":
             return
-        if _last_fragment(fd, start, size, self.max_line_bytes)[1] is not None:
+        if _Lines(fd, start, self.max_line_bytes, size).unfinished()[2] is not None:
             _write_all(fd, b"\n")
             self._note("info", "terminated the unfinished last line at byte %d" % start)
             return
@@ -1026,7 +1013,7 @@ class DiskPersister:
                 return "the directory %s is not writable" % os.path.dirname(self.path)
             with self._lock:
                 os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND))
-                self._locked(_nothing)
+                self._locked(_size)
         except (OSError, ValueError) as exc:
             return "%s: %s" % (type(exc).__name__, exc)
         return None
@@ -1083,10 +1070,11 @@ class DiskPersister:
             raise
         if self._notes:
             self._flush_notes()
+        if isinstance(group.error, ValueError):  # closed meanwhile: misuse, not a failed write
+            raise ValueError(str(group.error))
         if group.error is not None:
             raise PersistError(events[0]["itemType"], "write/fsync: %s" % group.error)
-        if self._watcher is not None:
-            self._deliver()
+        self._tail.deliver()
 
     def _write_group(self, group: _Group) -> None:
         """Write and sync ``group``; its outcome is in ``group.error``, an
@@ -1099,7 +1087,7 @@ class DiskPersister:
         # After it, an interruption fails nobody: the events are durable.
         count = sum(len(events) for _, events in group.writers)
         try:
-            self._locked(lambda fd: self._write_and_sync(fd, group))
+            self._locked(lambda fd, size: self._write_and_sync(fd, size, group))
         except (OSError, ValueError) as exc:
             if group.error is _INTERRUPTED:
                 group.error = exc
@@ -1108,56 +1096,57 @@ class DiskPersister:
         finally:
             if group.error is None:
                 self.health.record_success_batch(count)
+            elif isinstance(group.error, ValueError):  # see _commit
+                self.health.record_enqueue(-count)
             else:
                 for _ in range(count):
                     self.health.record_error("write/fsync: %s" % group.error)
                 self._note("warning", "could not persist %d events: %s" % (count, group.error))
         if group.error is None and self._compact_at is not None and self._end >= self._compact_at:
             try:  # the events are durable already: a compaction that fails fails no writer
-                self._locked(lambda fd: self._compact_locked(fd, False))
+                self._locked(lambda fd, size: self._compact_locked(fd, False))
             except (OSError, ValueError) as exc:
                 self._compact_at = None
                 self._note("warning", "could not compact: %s" % exc)
 
-    def _write_and_sync(self, fd: int, group: _Group) -> None:
-        """One write and one fdatasync, then the watcher's bookkeeping.
+    def _write_and_sync(self, fd: int, size: int, group: _Group) -> None:
+        """One write and one fdatasync to ``fd`` (``size`` bytes before them),
+        then the read side learns what was written.
 
         Never glue: the byte before the line must be a ``\\n``.  That is known
         after the write, not before it (a writer that does not lock, like the
         Rust daemon, writes its JSON and its ``\\n`` separately, and may have
         written only the first): if it is not, the glued line is left for
         ``.torn``, and a clean copy of the other writer's event (if whole) and
-        of ours follows it."""
+        of ours follows it.
+
+        Failed means absent: each copy is noted before it is written, and on
+        any exception before the sync returned (an interruption right after a
+        write included) what reached the file is taken back."""
         data = copy = b"".join(line for lines, _ in group.writers for line in lines)
-        start, end = first, _ = _append(fd, copy)
+        appended = [copy]
         rescued = []  # type: List[bytes]
         try:
+            start, end = _append(fd, copy)
             while end - start != len(copy) or (start and start != self._end
                                                and os.pread(fd, 1, start - 1) != b"\n"):
                 fragment_start = _after_last_newline(fd, start)
-                fragment, event = _last_fragment(fd, fragment_start, start, self.max_line_bytes)
+                _, fragment, event = _Lines(fd, fragment_start, self.max_line_bytes, start).unfinished()
                 if event is not None:
                     rescued.append(fragment + b"\n")
                 copy = b"".join(rescued) + data
                 self._note("warning", "a line that another program was writing without a lock at byte "
                            "%d was cut by this one; wrote both again" % fragment_start)
+                appended.append(copy)
                 start, end = _append(fd, copy)
             _datasync(fd)
+            group.error = None
         except BaseException:
-            _cut_back(fd, start, copy)
+            _cut_back(fd, size, b"".join(appended))
             raise
-        group.error = None
         self._end = end
-        if self._watcher is None:
-            return
-        if copy is not data:  # glued: read it all back, in file order
-            self._read_lines(fd, self._pos)
-            return
-        self._read_lines(fd, self._pos, first)  # other writers' lines before ours
-        for lines, events in group.writers:
-            self._pending += zip(lines, events, ["own"] * len(lines))
-            self._keys.update(map(_key, events))
-        self._pos, self._last = end, data[data.rfind(b"\n", 0, len(data) - 1) + 1:]
+        self._tail.wrote(fd, end - len(data), end, [
+            (line, event, "own") for lines, events in group.writers for line, event in zip(lines, events)])
 
     # --- compaction ---------------------------------------------------------------
 
@@ -1178,14 +1167,14 @@ class DiskPersister:
         started = os.times().elapsed
         try:
             with self._lock:
-                figures = self._locked(lambda fd: self._compact_locked(fd, force))
+                figures = self._locked(lambda fd, size: self._compact_locked(fd, force))
         finally:
             self._flush_notes()
         figures["seconds"] = round(os.times().elapsed - started, 6)
         self._note("info", "compacted: %(lines_before)d lines, %(bytes_before)d bytes -> "
                    "%(lines_after)d lines, %(bytes_after)d bytes" % figures)
         self._flush_notes()
-        self._deliver()
+        self._tail.deliver()
         return figures
 
     def _compact_locked(self, fd: int, force: bool) -> Dict[str, Any]:
@@ -1201,37 +1190,55 @@ class DiskPersister:
         carried = []  # type: List[bytes]
         kept = scan.kept()
         read_to = [scan.end]
+        saved = [0]  # how many of ``bad`` are in the .torn file
 
         def late() -> bytes:
             """What writers that do not lock appended since the last look, kept
-            after everything else (no key is reordered).  Asked again after
-            each sync of the copy until nothing came, so that only the rename's
-            own instant is left for them to lose a line in."""
-            found = []  # type: List[bytes]
-            read_to[0] = _complete_lines(fd, read_to[0], self.max_line_bytes, found, bad)
-            size = os.fstat(fd).st_size
-            if not found and read_to[0] < size:  # an unterminated last line: whole, or torn
-                fragment, event = _last_fragment(fd, read_to[0], size, self.max_line_bytes)
-                if event is not None:
-                    found.append(fragment)
-                else:
-                    bad.append((read_to[0], size - read_to[0]))
-                read_to[0] = size
-            carried.extend(found)
-            if not found and bad:  # the last look, before the swap: these bytes are in no other file
-                self._keep_in_torn_file(fd, bad)
-                self._note("warning", "kept %s in %s.torn" % (_plural(len(bad), "malformed line"), self.path))
-            return b"".join(line + b"\n" for line in found)
+            after everything else (no key is reordered).  Asked after each sync
+            of the copy and once after the rename, until nothing came; bytes to
+            keep in ``.torn`` are saved before a look, never after the last."""
+            while True:
+                lines = _Lines(fd, read_to[0], self.max_line_bytes)
+                found = []  # type: List[bytes]
+                for offset, line in lines:
+                    if line is None:
+                        bad.append((offset, lines.end - 1 - offset))
+                    elif not _is_blank(line):
+                        found.append(line)
+                read_to[0] = lines.end
+                if not found:  # an unterminated last line: whole, or torn
+                    size, fragment, event = lines.unfinished()
+                    if event is not None:
+                        found.append(fragment)
+                    elif size:
+                        bad.append((read_to[0], size))
+                    read_to[0] += size
+                if found:
+                    carried.extend(found)
+                    return b"".join(line + b"\n" for line in found)
+                if saved[0] == len(bad):
+                    return b""
+                self._keep_in_torn_file(fd, bad[saved[0]:])
+                saved[0] = len(bad)
 
         new_fd = _write_durably(self.path, (line + b"\n" for line in kept), True, st, late)
-        self._switch_to(new_fd, ours=True)
+        try:  # a writer that had the old file open may have appended to it during the rename
+            extra = late()
+            while extra:
+                _write_all(new_fd, extra)
+                _datasync(new_fd)
+                extra = late()
+        finally:
+            self._switch_to(new_fd, True, read_to[0])
+        if bad:
+            self._note("warning", "kept %s in %s.torn" % (_plural(len(bad), "malformed line"), self.path))
         self._compact_when(os.fstat(new_fd).st_size)
         return {"lines_before": scan.lines + len(carried), "bytes_before": os.fstat(fd).st_size,
                 "lines_after": len(kept) + len(carried),
                 "bytes_after": os.fstat(new_fd).st_size,
                 "live": len(scan.live), "malformed": len(bad)}
 
-    # --- the read path: replay ------------------------------------------------------
+    # --- the read path ----------------------------------------------------------------
 
     def replay(self, apply_batch: ApplyBatch) -> int:
         """Restore the live state: the latest SET of every ``(itemType, id)``
@@ -1250,9 +1257,9 @@ class DiskPersister:
     def _replay_scan(self) -> _Scan:
         try:
             with self._lock:
-                self._locked(_nothing)  # follows a replaced or deleted log
-                scan = _scan(self._fd, self.max_line_bytes, self._skipped)
-                self._pos, self._last, self._keys = scan.end, scan.last, set(scan.live)
+                size = self._locked(_size)  # what is durable, see _Tail.poll
+                scan = _scan(self._fd, self.max_line_bytes, self._skipped, stop=size)
+                self._tail.start(scan)
         finally:
             self._flush_notes()
         if self.compact_ratio is not None and not self.read_only and scan.end > _COMPACT_ABOVE \
@@ -1275,117 +1282,18 @@ class DiskPersister:
     def _skipped(self, lineno: int, offset: int, length: int, reason: str) -> None:
         self._note("warning", "skipped line %d (byte %d): %s" % (lineno, offset, reason))
 
-    # --- the read path: following ---------------------------------------------------
-
-    def start_watcher(self, apply_batch: ApplyBatch, interval: float = 0.15) -> Watcher:
+    def start_watcher(self, apply_batch: ApplyBatch, interval: float = 0.15, lines: bool = False) -> Watcher:
         """Follow the file in a daemon thread, from where ``replay`` ended (or
-        from its current end); see ``Watcher``."""
+        from its current end); see ``Watcher``.  With ``lines=True``,
+        ``apply_batch`` gets the lines as stored instead of events."""
         if not interval > 0:
             raise ValueError("interval must be a positive number of seconds")
-        return self._watch(Watcher(self, apply_batch, interval))
-
-    def _watch(self, watcher: Watcher) -> Watcher:
+        watcher = Watcher(self, apply_batch, interval, lines)
         with self._lock:
-            self._check_open()
-            if self._watcher is not None:
-                raise RuntimeError("a watcher is already running for %s" % self.path)
-            if self._pos is None:
-                self._pos, self._last = _end_and_last_line(self._fd)
-            self._watcher = watcher
+            size = self._locked(_size)
+            self._tail.follow(watcher, self._fd, size)
             watcher._thread.start()
         return watcher
-
-    def _poll(self) -> None:
-        """One look at the file: read what was appended, follow a replaced or
-        deleted log, reload one truncated or rewritten in place."""
-        with self._lock:
-            if self._watcher is None or self._pos is None:
-                return
-            self._locked(_nothing)  # follows a replaced or deleted log
-            self._read_changes(self._fd)
-        self._flush_notes()
-        self._deliver(wait=False)
-
-    def _read_changes(self, fd: int) -> None:
-        pos = self._pos
-        assert pos is not None
-        size = os.fstat(fd).st_size
-        size_of_last = len(self._last)
-        if size < pos or size_of_last and os.pread(fd, size_of_last, pos - size_of_last) != self._last:
-            self._note("warning", "truncated or rewritten in place (was %d bytes, now %d); reloading"
-                       % (pos, size))
-            self._reload()
-        elif size > pos:
-            self._read_lines(fd, pos)
-
-    def _read_lines(self, fd: int, start: Optional[int], stop: Optional[int] = None) -> None:
-        """Queue the events of the complete lines of ``fd`` from ``start`` (to
-        ``stop``) for the store, in file order."""
-        assert start is not None
-        if start == stop:
-            return
-        lines = _Lines(fd, start, self.max_line_bytes, stop)
-        last = None  # type: Optional[bytes]
-        for offset, last in lines:
-            if last is not None and _is_blank(last):
-                continue
-            event, reason = _parse_line(last) if last is not None else (None, "line too long")
-            if event is None:
-                if self._watcher is not None:
-                    self._watcher.malformed += 1
-                self._note("warning", "skipped the line at byte %d: %s" % (offset, reason))
-            else:
-                self._pending.append((last, event, "tailed"))  # type: ignore[arg-type]
-                self._keys.add(_key(event))
-        if lines.end != start:
-            self._pos, self._last = lines.end, (last + b"\n" if last is not None else b"")
-
-    def _reload(self) -> None:
-        """Queue the live entities of the whole file and the DELs it records;
-        entities it no longer mentions stay in the store, as in the Rust."""
-        scan = _scan(self._fd, self.max_line_bytes, self._skipped, deletions=True)
-        assert scan.deleted is not None
-        kept = len(self._keys - set(scan.live) - set(scan.deleted))
-        self._pending += scan.entries()
-        self._keys = set(scan.live)
-        self._pos, self._last = scan.end, scan.last
-        if self._watcher is not None:
-            self._watcher.reloads += 1
-            self._watcher.malformed += scan.malformed
-        self._note("info", "reloaded the log: %d live entities; %d entities it no longer mentions "
-                   "stay in the store" % (len(scan.live), kept))
-
-    def _deliver(self, wait: bool = True) -> None:
-        """Hand what was read to the store, in file order, one call at a
-        time; a writer returns only once its own events were handed over.
-        A store call that persists does not call the store again from inside
-        itself, and the watcher's thread does not wait (a store call on a
-        writer's thread may be stopping it): the running delivery hands over
-        what they added."""
-        if self._watcher is None or self._deliverer == threading.get_ident():
-            return
-        if wait:
-            with self._deliver_lock:
-                self._deliver_all()
-        elif self._deliver_lock.acquire(blocking=False):  # no Ctrl-C reaches this thread
-            try:
-                self._deliver_all()
-            finally:
-                self._deliver_lock.release()
-        self._flush_notes()
-
-    def _deliver_all(self) -> None:
-        self._deliverer = threading.get_ident()
-        try:
-            while True:
-                entries = self._pending[:]  # appended to under self._lock; taken from the front only
-                del self._pending[:len(entries)]
-                watcher = self._watcher
-                if not entries or watcher is None:
-                    return
-                watcher._deliver(entries)
-        finally:
-            self._deliverer = None
 
 
 # --- the read path: lines, scans --------------------------------------------------
@@ -1405,10 +1313,10 @@ def _read_chunks(fd: int, start: int, end: Optional[int] = None) -> Iterator[byt
 class _Lines:
     """Iterate ``(offset, line)`` over the complete lines of ``fd`` from
     ``start`` to ``stop`` (or EOF), each without its ``\\n``.  A line longer than
-    ``max_line`` comes as ``(offset, None)`` and is never held whole; an
-    unfinished last line is not yielded.  ``end`` is always just past the
-    last line yielded, so a caller knows exactly what it has consumed even
-    while others append."""
+    ``max_line`` comes as ``(offset, None)`` and is never held whole.  ``end``
+    is always just past the last line yielded, so a caller knows exactly what
+    it has consumed even while others append; ``unfinished()`` tells what
+    follows it.  Every reader of the log goes through this class."""
 
     def __init__(self, fd: int, start: int, max_line: int, stop: Optional[int] = None) -> None:
         self.fd = fd
@@ -1443,47 +1351,37 @@ class _Lines:
             pending = [last]
             pending_size = len(last)
 
-
-def _complete_lines(fd: int, start: int, max_line: int, out: List[bytes],
-                    too_long: List[Tuple[int, int]]) -> int:
-    """Add the complete, non-blank lines of ``fd`` from ``start`` to ``out``
-    (the byte ranges of over-long ones to ``too_long``); returns where they end."""
-    lines = _Lines(fd, start, max_line)
-    for offset, line in lines:
-        if line is None:
-            too_long.append((offset, lines.end - 1 - offset))
-        elif not _is_blank(line):
-            out.append(line)
-    return lines.end
+    def unfinished(self) -> Tuple[int, bytes, Optional[Event]]:
+        """The size of what follows ``end`` (to ``stop`` or EOF) without a
+        ``\\n``, its bytes, and its event if it is a whole one that only lacks
+        the ``\\n`` (else it is torn).  Over ``max_line`` bytes, it is not read."""
+        stop = os.fstat(self.fd).st_size if self.stop is None else self.stop
+        size = max(0, stop - self.end)
+        if not 0 < size <= self.max_line:
+            return size, b"", None
+        fragment = os.pread(self.fd, size, self.end)
+        return size, fragment, _parse_line(fragment)[0]
 
 
-def _after_last_newline(fd: int, end: int) -> int:
-    """The offset just past the last ``\\n`` before ``end`` (0 if none)."""
+def _after_last_newline(fd: int, end: int, floor: int = 0) -> int:
+    """The offset just past the last ``\\n`` of ``fd`` in ``[floor, end)``, or
+    ``floor`` if there is none."""
     pos = end
-    while pos > 0:
-        size = min(_CHUNK, pos)
+    while pos > floor:
+        size = min(1 << 16, pos - floor)
         found = os.pread(fd, size, pos - size).rfind(b"\n")
         if found >= 0:
             return pos - size + found + 1
         pos -= size
-    return 0
+    return floor
 
 
-def _last_fragment(fd: int, start: int, end: int, max_line: int) -> Tuple[bytes, Optional[Event]]:
-    """The unterminated line ``[start, end)`` of ``fd``, and the event it
-    holds if it is whole and only lacks its ``\\n`` (else it is torn).  A
-    fragment longer than ``max_line`` is not read: it counts as torn."""
-    if not start < end <= start + max_line:
-        return b"", None
-    fragment = os.pread(fd, end - start, start)
-    return fragment, _parse_line(fragment)[0]
-
-
-def _end_and_last_line(fd: int) -> Tuple[int, bytes]:
-    """Where the file's complete lines end, and the last of them with its ``\\n``."""
-    end = _after_last_newline(fd, os.fstat(fd).st_size)
-    start = _after_last_newline(fd, end - 1) if end else 0
-    return end, os.pread(fd, end - start, start)
+def _line_before(fd: int, end: int, max_line: int) -> bytes:
+    """The line that ends just before ``end`` with its ``\\n``; empty at the
+    start of the file, or when it is longer than ``max_line`` (never read whole)."""
+    floor = max(0, end - 2 - max_line)
+    start = _after_last_newline(fd, end - 1, floor) if end else 0
+    return b"" if start == floor > 0 else os.pread(fd, end - start, start)
 
 
 class _Scan:
@@ -1541,11 +1439,11 @@ class _Scan:
 
 
 def _scan(fd: int, max_line: int, on_malformed: Callable[[int, int, int, str], None],
-          deletions: bool = False) -> _Scan:
-    """Stream the whole file once, deduplicating as it goes;
+          deletions: bool = False, stop: Optional[int] = None) -> _Scan:
+    """Stream the file once (to ``stop``), deduplicating as it goes;
     ``on_malformed(lineno, offset, length, reason)`` hears of each bad line."""
     scan = _Scan(deletions)
-    lines = _Lines(fd, 0, max_line)
+    lines = _Lines(fd, 0, max_line, stop)
     line = None  # type: Optional[bytes]
     for lineno, (offset, line) in enumerate(lines, 1):
         if line is None:
@@ -1563,6 +1461,181 @@ def _scan(fd: int, max_line: int, on_malformed: Callable[[int, int, int, str], N
     scan.end = lines.end
     scan.last = line + b"\n" if line is not None else b""
     return scan
+
+
+# --- the read path: following ---------------------------------------------------
+
+
+class _Tail:
+    """Everything the read side knows of the log, and all the code that reads
+    it for a store and hands it over.
+
+    ``pos`` is where reading stopped, just past a complete line (None until
+    a replay or a watcher places it); ``last`` is the line before it, to see a
+    file rewritten in place; ``size``, the file's size at the last look, so
+    that a file that did not change is not read; ``reload_due``, that the log
+    is now a file this process did not write.  ``queue`` holds ``(line,
+    event, how)`` read but not yet handed over; ``keys``, what the store was
+    given.  The writer tells it, under the persister's lock, only what it
+    wrote (``wrote``) and that the log is another file (``switched``); the
+    watcher's thread calls ``poll``; ``deliver`` hands the queue over.
+    ``_read`` is the one place that moves ``pos`` forward, and it looks for a
+    truncation first, so it is seen whoever moves first."""
+
+    def __init__(self, persister: DiskPersister) -> None:
+        self._p = persister
+        self.pos = None  # type: Optional[int]
+        self.last = b""
+        self.size = -1
+        self.reload_due = False
+        self.queue = []  # type: List[Entry]
+        self.keys = set()  # type: set[Key]
+        self.watcher = None  # type: Optional[Watcher]
+        self._deliver_lock = threading.Lock()
+        self._deliverer = None  # type: Optional[int]
+
+    def start(self, scan: _Scan) -> None:
+        """A replay read the file to ``scan.end``: follow from there."""
+        self.pos, self.last, self.keys = scan.end, scan.last, set(scan.live)
+        self.size, self.reload_due = -1, False
+
+    def follow(self, watcher: Watcher, fd: int, size: int) -> None:
+        """Hand what is read to ``watcher`` from now on; without a replay,
+        from the file's last complete line (``size``, noted under the lock)."""
+        if self.watcher is not None:
+            raise RuntimeError("a watcher is already running for %s" % self._p.path)
+        if self.pos is None:
+            self.pos = _after_last_newline(fd, size)
+            self.last, self.size = _line_before(fd, self.pos, self._p.max_line_bytes), size
+        self.watcher = watcher
+
+    def wrote(self, fd: int, start: int, end: int, entries: List[Entry]) -> None:
+        """This process wrote and synced ``entries``' lines at ``[start,
+        end)``, under the lock: what others wrote before them is read first."""
+        if self.watcher is None or self.pos is None:
+            return  # read when a watcher starts, as lines of the file
+        self._read(fd, start)
+        self.queue += entries
+        self.keys.update(_key(event) for _, event, _ in entries)
+        self.pos, self.last = end, entries[-1][0]
+
+    def switched(self, old_fd: int, old_end: int, new_fd: int, ours: bool) -> None:
+        """The log is ``new_fd`` now.  While following, the old file's unread
+        lines up to ``old_end`` come first (read under its lock, so they are
+        durable); a new file that this process wrote holds what the store is
+        given already, any other is reloaded at the next read."""
+        if self.pos is None:
+            return
+        if self.watcher is not None:
+            self._read(old_fd, old_end)
+        if ours and self.watcher is not None:
+            self.pos = os.fstat(new_fd).st_size
+            self.last = _line_before(new_fd, self.pos, self._p.max_line_bytes)
+        else:
+            self.reload_due = True
+        self.size = -1
+
+    def poll(self) -> None:
+        """One look at the file, from the watcher's thread.  A file whose
+        identity and size did not change costs one ``stat``.  Otherwise its
+        size is noted under its ``lockf`` lock, which no writer that locks
+        holds mid-write: every byte below it was written by one that finished
+        (synced, or cut back).  It is read up to there after the lock is
+        released, so that a long parse holds no other process back."""
+        p = self._p
+        st = _stat_or_none(p.path)
+        if st is not None and _identity(st) == p._ident and st.st_size == self.size:
+            return
+        with p._lock:
+            if self.watcher is None:
+                return
+            size = p._locked(_size)  # follows a replaced or deleted log
+            self._read(p._fd, size)
+            self.size = size
+        p._flush_notes()
+        self.deliver(wait=False)
+
+    def _read(self, fd: int, stop: int) -> None:
+        """Queue the events of the complete lines from ``pos`` to ``stop``; a
+        file that replaced the one read, shrank below ``pos`` or changed
+        before it is reloaded instead."""
+        assert self.pos is not None
+        pos, last = self.pos, self.last
+        if self.reload_due or stop < pos or last and os.pread(fd, len(last), pos - len(last)) != last:
+            if not self.reload_due:
+                self._p._note("warning", "truncated or rewritten in place (was %d bytes, now %d); reloading"
+                              % (pos, stop))
+            self._reload(fd, stop)
+            return
+        lines = _Lines(fd, pos, self._p.max_line_bytes, stop)
+        line = None  # type: Optional[bytes]
+        for offset, line in lines:
+            if line is not None and _is_blank(line):
+                continue
+            event, reason = _parse_line(line) if line is not None else (None, "line too long")
+            if event is None:
+                if self.watcher is not None:
+                    self.watcher.malformed += 1
+                self._p._note("warning", "skipped the line at byte %d: %s" % (offset, reason))
+            else:
+                self.queue.append((line, event, "tailed"))  # type: ignore[arg-type]
+                self.keys.add(_key(event))
+        if lines.end != pos:
+            self.pos, self.last = lines.end, (line + b"\n" if line is not None else b"")
+
+    def _reload(self, fd: int, stop: int) -> None:
+        """Queue the live entities of the file to ``stop`` and the DELs it
+        records; entities it no longer mentions stay in the store, as in the Rust."""
+        scan = _scan(fd, self._p.max_line_bytes, self._p._skipped, deletions=True, stop=stop)
+        assert scan.deleted is not None
+        kept = len(self.keys - set(scan.live) - set(scan.deleted))
+        self.queue += scan.entries()
+        self.keys = set(scan.live)
+        self.pos, self.last, self.reload_due = scan.end, scan.last, False
+        if self.watcher is not None:
+            self.watcher.reloads += 1
+            self.watcher.malformed += scan.malformed
+        self._p._note("info", "reloaded the log: %d live entities; %d entities it no longer mentions "
+                      "stay in the store" % (len(scan.live), kept))
+
+    def deliver(self, wait: bool = True) -> None:
+        """Hand the queue to the store, in file order, one call at a time.
+        An entry leaves the queue only once the call that got it returned,
+        so an exception anywhere (Ctrl-C) loses nothing: the next delivery
+        hands it over.  A store call that persists does not call the store
+        again from inside itself, and the watcher's thread does not wait (a
+        store call on a writer's thread may be stopping it): the running
+        delivery hands over what they added."""
+        if self.watcher is None or self._deliverer == threading.get_ident():
+            return
+        if wait:
+            with self._deliver_lock:
+                self._deliver_all()
+        elif self._deliver_lock.acquire(blocking=False):  # no Ctrl-C reaches this thread
+            try:
+                self._deliver_all()
+            finally:
+                self._deliver_lock.release()
+        self._p._flush_notes()
+
+    def _deliver_all(self) -> None:
+        self._deliverer = threading.get_ident()
+        try:
+            while True:
+                entries = self.queue[:]  # appended to under the persister's lock; taken from the front only
+                watcher = self.watcher
+                if not entries or watcher is None:
+                    return
+                watcher._hand_over(entries)
+                del self.queue[:len(entries)]
+        finally:
+            self._deliverer = None
+
+    def wait_for_delivery(self) -> None:
+        """Return once no store call is in progress (at once from inside one)."""
+        if self._deliverer != threading.get_ident():
+            with self._deliver_lock:
+                pass
 
 
 # --- the watcher ------------------------------------------------------------
@@ -1585,6 +1658,8 @@ class Watcher:
       the store (as in the Rust); the reload never writes to the file.
     * The file was deleted: the writer recreates it from the live state of
       the file it had open (a read-only persister waits for it).
+    * With ``lines=True``, ``apply_batch`` gets the lines as stored (bytes,
+      without their ``\\n``) instead of events.
 
     Nothing kills the thread: a store that raises or returns anything, a
     malformed line or an I/O error is logged and counted in ``errors`` or
@@ -1592,7 +1667,8 @@ class Watcher:
     full reloads.
     """
 
-    def __init__(self, persister: DiskPersister, apply_batch: ApplyBatch, interval: float) -> None:
+    def __init__(self, persister: DiskPersister, apply_batch: ApplyBatch, interval: float,
+                 lines: bool = False) -> None:
         self.interval = interval
         self.applied = 0
         self.malformed = 0
@@ -1600,6 +1676,7 @@ class Watcher:
         self.reloads = 0
         self._persister = persister
         self._apply_batch = apply_batch
+        self._lines = lines
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="marshal-persist-watcher", daemon=True)
 
@@ -1618,32 +1695,33 @@ class Watcher:
         self._stopping.set()
         p = self._persister
         with p._lock:
-            if p._watcher is self:
-                p._watcher = None
+            if p._tail.watcher is self:
+                p._tail.watcher = None
         if self._thread is not threading.current_thread() and self._thread.ident is not None:
             self._thread.join()
 
     def _run(self) -> None:
         while not self._stopping.wait(self.interval):
             try:
-                self._persister._poll()
+                self._persister._tail.poll()
             except Exception as exc:  # I/O errors above all; none may end the thread
                 self.errors += 1
                 self._persister._note("warning", "watcher: %s: %s" % (type(exc).__name__, exc))
                 self._persister._flush_notes()
 
-    def _deliver(self, entries: List[Entry]) -> None:
-        # Own events are parsed from their lines: the caller may change its dicts afterwards.
-        events = [_mark(json.loads(line) if how == "own" else event, how) for line, event, how in entries]
+    def _hand_over(self, entries: List[Entry]) -> None:
+        if self._lines:
+            batch = [line for line, _, _ in entries]  # type: List[Any]
+        else:  # own events are parsed from their lines: the caller may change its dicts afterwards
+            batch = [_mark(json.loads(line) if how == "own" else event, how) for line, event, how in entries]
         try:
-            applied = self._apply_batch(events)
+            applied = self._apply_batch(batch)
         except Exception as exc:  # the store's failure must not end the thread or fail a persist
             self.errors += 1
             self._persister._note("warning", "watcher: apply_batch failed on %d events: %r"
-                                  % (len(events), exc))
+                                  % (len(batch), exc))
             return
-        self.applied += applied if type(applied) is int else len(events)
-
+        self.applied += applied if type(applied) is int else len(batch)
 
 # --- MemoryStore --------------------------------------------------------------
 
@@ -1740,12 +1818,11 @@ def _read_log(path: str, on_malformed: Callable[[int, int, int, str], None],
     with DiskPersister(path, read_only=True) as reader:
         fd = reader._fd
         scan = _scan(fd, _DEFAULT_MAX_LINE, on_malformed, deletions)
-        size = os.fstat(fd).st_size
-        fragment, event = _last_fragment(fd, scan.end, size, _DEFAULT_MAX_LINE)
-    if size <= scan.end:  # (less: a file whose size says nothing, as in /proc)
+        size, fragment, event = _Lines(fd, scan.end, _DEFAULT_MAX_LINE).unfinished()
+    if not size:
         return scan, ""
     if event is None:
-        return scan, "torn tail at byte %d: %d bytes of an unfinished write" % (scan.end, size - scan.end)
+        return scan, "torn tail at byte %d: %d bytes of an unfinished write" % (scan.end, size)
     scan.keep(event, fragment)
     scan.lines += 1
     return scan, "the last line (byte %d) is a whole event without its newline" % scan.end
@@ -1794,46 +1871,38 @@ def _cli_check(args: Any, out: _Output, err: Any) -> int:
     return status
 
 
-class _LineWatcher(Watcher):
-    """Hands the store nothing: prints each line as stored, for ``follow``."""
+def _cli_follow(args: Any, out: _Output, err: Any) -> int:
+    import select
+    import sys
 
-    def __init__(self, persister: DiskPersister, out: _Output, item_type: Optional[str],
-                 interval: float) -> None:
-        super().__init__(persister, len, interval)
-        self.out = out
-        self.item_type = item_type
-        self.failure = None  # type: Optional[BaseException]
+    failed = []  # type: List[BaseException]
 
-    def _deliver(self, entries: List[Entry]) -> None:
-        if self.failure is not None:
+    def show(lines: List[bytes]) -> None:
+        if failed:
             return
         try:
-            for line, event, _ in entries:
-                if self.item_type is None or event["itemType"] == self.item_type:
-                    self.out.write(line.rstrip(b"\n").decode("utf-8") + "\n")
-            self.out.flush()
+            for line in lines:
+                if args.type is None or json.loads(line)["itemType"] == args.type:
+                    out.write(line.decode("utf-8") + "\n")
+            out.flush()
         except (OSError, _OutputError) as exc:  # a closed pipe above all: the command ends
-            self.failure = exc
-            self._stopping.set()
+            failed.append(exc)
 
-
-def _cli_follow(args: Any, out: _Output, err: Any) -> int:
     with DiskPersister(args.path, logger=_WarningsTo(err), read_only=True) as persister:
         scan = persister._replay_scan()
         if not args.changes_only:
-            for key, line in scan.live.items():
-                if args.type is None or key[0] == args.type:
-                    out.write(line.decode("utf-8") + "\n")
-            out.flush()
+            show(list(scan.live.values()))
         err.write("%s: %d live; following (Ctrl-C to stop)\n" % (args.path, len(scan.live)))
         err.flush()
-        watcher = _LineWatcher(persister, out, args.type, args.interval)
-        persister._watch(watcher)
-        while watcher.is_alive():  # until Ctrl-C (see main) or a closed pipe
-            watcher._thread.join(0.5)
-        if isinstance(watcher.failure, Exception):
-            raise watcher.failure
-    return 0
+        # Like tail -f, end once the reader of the output is gone, without waiting for a line
+        # to fail on: with no events asked for, poll reports only an error or a hang-up.
+        output = select.poll()
+        output.register(sys.stdout.fileno(), 0)
+        with persister.start_watcher(show, args.interval, lines=True):
+            while not failed:  # until Ctrl-C (see main)
+                if output.poll(500):
+                    raise BrokenPipeError(32, "the reader of the output went away")
+        raise failed[0]
 
 
 def _cli_compact(args: Any, out: _Output, err: Any) -> int:

@@ -225,6 +225,35 @@ def compaction(run):
     log.close()
 
 
+def compaction_beside_appender(run):
+    """A program that holds the log open (a shell `>>`, which takes no lock) appends a
+    line and syncs it just after compaction's rename: the line, written to the old file,
+    must be in the new log, durably, once compaction returns."""
+    log = run.open()
+    run.persist(log, "c0")
+    run.persist(log, "c1", "DEL")
+    fs, path = run.fs, run.at(run.workload.log)
+    fd = fs.open(path, os.O_WRONLY | os.O_APPEND)
+    real = run.mp._write_durably
+    event = make_event("late", run.next_v())
+
+    def rename_then_append(*args, **kwargs):
+        new_fd = real(*args, **kwargs)
+        fs.write(fd, encode_line(event))
+        fs.fsync(fd)
+        return new_fd
+
+    run.mp._write_durably = rename_then_append
+    try:
+        log.compact()
+    finally:
+        run.mp._write_durably = real
+    run.tracer.ack([event])
+    fs.close(fd)
+    run.persist(log, "c2")
+    log.close()
+
+
 def open_and_persist(run):
     """For the torn-tail workloads: the open repairs the last line, then one persist."""
     log = run.open()
@@ -389,6 +418,7 @@ WORKLOADS = [
     Workload("persist_batch", batches, setup_log(["base0", "base1"])),
     Workload("group_commit", group_commit, setup_log(["base0"]), threads=True),
     Workload("compaction", compaction, setup_log(["c0", "c1", "c2", "c3", "c0", "c1", "c2", "c3"])),
+    Workload("compaction_beside_appender", compaction_beside_appender, setup_log(["c0", "c1", "c2", "c0"])),
     Workload("torn_tail", open_and_persist, setup_log(["x0", "x1", "x2"], TORN_FRAGMENT),
              fragment=TORN_FRAGMENT),
     Workload("unterminated_event", open_and_persist, setup_log(["x0", "x1"], WHOLE_LAST_LINE)),
