@@ -232,7 +232,7 @@ def migrate_from_claude_coord(new_log_path: Any, logger: Any = None) -> bool:
         except FileExistsError:
             return False
         except OSError:  # another filesystem (EXDEV), or one without hard links
-            with open(old, "rb") as src:
+            with open(old, "rb") as src, _device_lock(os.stat(os.path.dirname(new)).st_dev):
                 os.close(_write_durably(new, iter(lambda: src.read(_CHUNK), b""), clobber=False))
     _sync_path(new)
     os.unlink(old)
@@ -249,7 +249,9 @@ def _fspath(path: Any) -> str:
 
 
 def _same_content(a: str, b: str) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
+    """Whether ``a`` and ``b`` hold the same bytes; ``b``, a log, is opened
+    and closed under its device's lock (see ``_device_lock``)."""
+    with _device_lock(os.stat(b).st_dev), open(a, "rb") as fa, open(b, "rb") as fb:
         if os.path.samestat(os.fstat(fa.fileno()), os.fstat(fb.fileno())):
             return True
         while True:
@@ -649,6 +651,23 @@ def _device_lock(device: int) -> Any:
         return _DEVICE_LOCKS.setdefault(device, threading.Lock())
 
 
+# A child of fork() gets every lock of this module in the state the parent's
+# threads held it, and none of those threads to release it; lockf locks are
+# not inherited at all.  So the child starts with new locks, and a persister
+# it inherited refuses work (see _check_open): it must open its own.
+_forks = 0
+
+
+def _after_fork_in_child() -> None:
+    global _forks, _DEVICE_LOCKS_GUARD
+    _forks += 1
+    _DEVICE_LOCKS.clear()
+    _DEVICE_LOCKS_GUARD = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     """``os.write`` until all of ``data`` is written (a short write is no error)."""
     view = memoryview(data)
@@ -743,7 +762,8 @@ class DiskPersister:
     """
 
     def __init__(self, path: Any, *, logger: Any = None, read_only: bool = False,
-                 max_line_bytes: int = _DEFAULT_MAX_LINE, compact_ratio: Optional[float] = None) -> None:
+                 max_line_bytes: int = _DEFAULT_MAX_LINE, compact_ratio: Optional[float] = None,
+                 any_file: bool = False) -> None:
         if logger is not None and not all(callable(getattr(logger, m, None)) for m in ("warning", "info")):
             raise TypeError("logger must have warning() and info() methods")
         if type(max_line_bytes) is not int or max_line_bytes <= 0:
@@ -759,6 +779,7 @@ class DiskPersister:
         self._notes = []  # type: List[Tuple[str, str]]  # logged once no lock is held
         self._can_lock = not read_only
         self._closed = False
+        self._forks = _forks  # a child of fork() inherits this object, not its locks
         self._group = None  # type: Optional[_Group]  # the group new events join
         self._group_lock = threading.Lock()
         self._end = -1  # where this process's last write ended
@@ -766,9 +787,10 @@ class DiskPersister:
         self._compact_at = None  # type: Optional[int]  # the size at which a persist compacts
         self._tail = _Tail(self)  # everything the read side knows
         # The log's descriptor, what the watcher read, and lockf (see _device_lock).
-        if read_only:
-            self._fd = self._open()
-            self._lock = _device_lock(os.fstat(self._fd).st_dev)
+        if read_only:  # its descriptor is opened, like every one of the log, under the device's lock
+            self._lock = _device_lock(os.stat(self.path).st_dev)
+            with self._lock:
+                self._fd = self._open()
         else:
             _make_dirs(os.path.dirname(self.path))
             self._lock = _device_lock(os.stat(os.path.dirname(self.path)).st_dev)
@@ -778,6 +800,8 @@ class DiskPersister:
         try:
             if not read_only:
                 with self._lock:
+                    if not any_file:
+                        self._refuse_a_file_that_is_no_log()
                     self._probe_lockf()
                     self._locked(self._repair_torn_tail)
                     self._sweep_temp_files()
@@ -798,17 +822,24 @@ class DiskPersister:
 
     def close(self) -> None:
         """Stop the watcher, wait for a store call in progress (unless called
-        from it), and close the file.  Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
+        from it), and close the file.  Idempotent; each step is, so a call
+        that an exception (Ctrl-C) cut short is finished by the next one."""
+        if self._forks != _forks:  # in a child of fork(): no thread of the parent's is here to wait for
+            self._forks, self._lock, self._tail, self._closed = _forks, threading.Lock(), _Tail(self), True
+        with self._lock:  # a watcher that starts now sees it closed
             self._closed = True
             watcher = self._tail.watcher
         if watcher is not None:
             watcher.stop()
         self._tail.wait_for_delivery()
         with self._lock:
-            os.close(self._fd)
+            try:  # after a close cut short past os.close, the number is free or another file's now
+                ours = self._fd >= 0 and _identity(os.fstat(self._fd)) == self._ident
+            except OSError:
+                ours = False
+            if ours:
+                os.close(self._fd)
+            self._fd = -1
         self._flush_notes()
 
     def _note(self, level: str, message: str) -> None:
@@ -825,6 +856,8 @@ class DiskPersister:
             _say(self._logger, level, message)
 
     def _check_open(self) -> None:
+        if self._forks != _forks:
+            raise ValueError("this DiskPersister was opened before os.fork(); open a new one in the child")
         if self._closed:
             raise ValueError("I/O operation on a closed DiskPersister")
 
@@ -892,6 +925,22 @@ class DiskPersister:
                 pass  # in use by a live process, or not ours to remove
             finally:
                 os.close(fd)
+
+    def _refuse_a_file_that_is_no_log(self) -> None:
+        """Appending would damage a README or a binary file opened by mistake:
+        refuse a file whose first line (within its first MiB) is not a JSON
+        object with ``changeType``, before anything is written."""
+        head = os.pread(self._fd, _CHUNK, 0).lstrip()
+        first, newline, _ = head.partition(b"\n")
+        try:
+            event = json.loads(first) if first else {"changeType": None}
+        except ValueError:
+            event = None
+        if (type(event) is dict and "changeType" in event) or (not newline and first[:1] == b"{"):
+            return  # a log, or one whose first line is too long to look at, or torn by a crash
+        raise ValueError("%s does not look like an event log: its first line is not a JSON object with "
+                         "changeType; nothing was written (any_file=True, or --force, writes to it anyway)"
+                         % self.path)
 
     def _probe_lockf(self) -> None:
         try:
@@ -1038,7 +1087,7 @@ class DiskPersister:
         it done, one after another.  Writers wait only in ``with`` blocks on
         locks, never for a particular thread to signal, so an exception
         anywhere (Ctrl-C) cannot leave a writer waiting forever."""
-        if self._closed or self.read_only:
+        if self._closed or self.read_only or self._forks != _forks:
             self._check_writable()
         self.health.record_enqueue(len(events))
         try:
@@ -1255,6 +1304,7 @@ class DiskPersister:
         return applied if type(applied) is int else len(events)
 
     def _replay_scan(self) -> _Scan:
+        self._check_open()  # before the lock, which may be a parent's (see _after_fork_in_child)
         try:
             with self._lock:
                 size = self._locked(_size)  # what is durable, see _Tail.poll
@@ -1288,6 +1338,7 @@ class DiskPersister:
         ``apply_batch`` gets the lines as stored instead of events."""
         if not interval > 0:
             raise ValueError("interval must be a positive number of seconds")
+        self._check_open()
         watcher = Watcher(self, apply_batch, interval, lines)
         with self._lock:
             size = self._locked(_size)
@@ -1693,12 +1744,12 @@ class Watcher:
     def stop(self) -> None:
         """End the thread, after the store call it may be making.  Idempotent."""
         self._stopping.set()
-        p = self._persister
-        with p._lock:
-            if p._tail.watcher is self:
-                p._tail.watcher = None
         if self._thread is not threading.current_thread() and self._thread.ident is not None:
             self._thread.join()
+        p = self._persister
+        with p._lock:  # last: a stop cut short is still this persister's watcher, stopped again by close
+            if p._tail.watcher is self:
+                p._tail.watcher = None
 
     def _run(self) -> None:
         while not self._stopping.wait(self.interval):
@@ -1868,6 +1919,9 @@ def _cli_check(args: Any, out: _Output, err: Any) -> int:
     out.write("%s: %s, %d malformed%s: %s\n" % (
         args.path, _plural(scan.lines, "line"), scan.malformed, ", torn tail" if torn else "",
         "problems found" if status else "clean"))
+    if os.path.exists(args.path + ".torn"):
+        out.write("%s.torn: %d bytes set aside from this log (nothing reads it; inspect it, then delete it)\n"
+                  % (args.path, os.path.getsize(args.path + ".torn")))
     return status
 
 
@@ -1915,10 +1969,10 @@ def _cli_compact(args: Any, out: _Output, err: Any) -> int:
                   % (args.path, _plural(scan.lines, "line"), scan.end, _plural(len(kept), "line"),
                      sum(len(line) + 1 for line in kept)))
         return 0
-    os.close(os.open(args.path, os.O_RDONLY))  # never create the log it was asked to compact
+    os.stat(args.path)  # never create the log it was asked to compact: a missing one is an error
     if os.path.isdir(args.path):
         raise IsADirectoryError(21, "is a directory, not a log file", args.path)
-    with DiskPersister(args.path, logger=_WarningsTo(err)) as persister:
+    with DiskPersister(args.path, logger=_WarningsTo(err), any_file=args.force) as persister:
         figures = persister.compact(force=args.force)
     out.write("%s: %s, %d bytes -> %s, %d bytes in %.3f s\n" % (
         args.path, _plural(figures["lines_before"], "line"), figures["bytes_before"],
@@ -1931,7 +1985,10 @@ def _cli_append(args: Any, out: _Output, err: Any) -> int:
 
     if args.event is not None and not args.event.strip():
         raise _BadInput("the event is empty")
-    texts = [args.event] if args.event is not None else sys.stdin.read().splitlines()
+    try:  # split on \n alone: the module writes U+2028, U+0085 and the like raw inside strings
+        texts = [args.event] if args.event is not None else sys.stdin.buffer.read().decode().split("\n")
+    except UnicodeDecodeError as exc:
+        raise _BadInput("the input is not UTF-8: %s" % exc) from None
     events = []  # type: List[Event]
     for number, text in enumerate(texts, 1):
         if not text.strip():
@@ -1946,7 +2003,7 @@ def _cli_append(args: Any, out: _Output, err: Any) -> int:
         except PersistError as exc:
             raise _BadInput("%s: %s" % (where, exc.message)) from None
         events.append(event)
-    with DiskPersister(args.path, logger=_WarningsTo(err)) as persister:
+    with DiskPersister(args.path, logger=_WarningsTo(err), any_file=args.force) as persister:
         persister.persist_batch(events)
     out.write("appended %s to %s\n" % (_plural(len(events), "event"), args.path))
     return 0
@@ -2022,6 +2079,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "which can be lost to a compaction.")
     sub["append"].add_argument("--event", "-e", metavar="JSON",
                                help="append this one event instead of reading stdin")
+    sub["append"].add_argument("--force", action="store_true",
+                               help="append even to a file whose first line is not an event")
     for command in sub.values():
         command.add_argument("path", nargs="?", metavar="PATH", help="the log")
     for name in ("replay", "follow"):

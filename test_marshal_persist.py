@@ -1736,7 +1736,8 @@ def test_fuzzed_logs_never_break_replay(tmp_path):
         valid = [e for _, e in lines if isinstance(e, dict)]
         malformed = sum(1 for _, e in lines if e is None)
         logger, recorder = ListLogger(), Recorder()
-        with mp.DiskPersister(path, logger=logger, max_line_bytes=(1 << 20) if huge else 16 << 20) as p:
+        with mp.DiskPersister(path, logger=logger, max_line_bytes=(1 << 20) if huge else 16 << 20,
+                              any_file=True) as p:
             p.replay(recorder)
         got = [((e["itemType"], e["item"]["id"]), e["item"]) for e in recorder.events()]
         assert got == expected_state(valid), n
@@ -2244,7 +2245,7 @@ def test_compaction_never_wipes_a_file_that_is_not_a_log(tmp_path):
     out = run_cli("compact", path)
     assert out.returncode == 2 and "does not look like an event log" in out.stderr and "--force" in out.stderr
     assert read(path) == content and not os.path.exists(path + ".torn")
-    with mp.DiskPersister(path) as p:
+    with mp.DiskPersister(path, any_file=True) as p:
         with pytest.raises(ValueError, match="force=True"):
             p.compact()
         assert read(path) == content
@@ -3020,3 +3021,390 @@ def test_the_callback_rules(log_path):
         handed = [i for _, ids, _ in calls for i in ids]
         in_file = [json.loads(raw)["item"]["id"] for raw in read(log_path).splitlines()]
         assert handed == in_file and not overlaps
+
+
+# --- what a writer is told is true; fork, close, compaction and the command line ------------------
+
+
+def trace_raising_at(codes, k, stop_line=None):
+    """A trace function that raises KeyboardInterrupt at the k-th line executed in ``codes``
+    (before ``stop_line`` of the last of them), as a signal would land; ``hits`` counts lines."""
+    import linecache
+    state = {"hits": 0, "raised": False}
+
+    def local(frame, event, arg):
+        if event == "line" and not state["raised"]:
+            if stop_line is not None and frame.f_code is codes[-1] and frame.f_lineno >= stop_line:
+                state["raised"] = None  # past the last point of interest: no more
+                return local
+            text = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+            if text.startswith(("with ", "try:", "pass")):
+                # A with line is also where its __exit__ is called, and a try: or a pass compiles
+                # to a no-op outside what the block protects: an exception a trace function raises
+                # there skips the __exit__ in CPython itself; a signal is never raised there.
+                return local
+            state["hits"] += 1
+            if state["hits"] == k:
+                state["raised"] = True
+                raise KeyboardInterrupt
+        return local
+
+    def trace(frame, event, arg):
+        return local if frame.f_code in codes and state["raised"] is False else None
+
+    return trace, state
+
+
+def test_failed_means_absent_wherever_an_interruption_lands_between_write_and_sync(tmp_path, monkeypatch):
+    import inspect
+    source, first = inspect.getsourcelines(mp.DiskPersister._write_and_sync)
+    after_sync = first + next(i for i, text in enumerate(source) if "self._end = end" in text)
+    codes = [mp._append.__code__, mp.DiskPersister._write_and_sync.__code__]
+    real_sync = mp._datasync
+    injected = 0
+    for k in range(1, 40):
+        path = str(tmp_path / ("log%d.jsonl" % k))
+        with mp.DiskPersister(path) as p:
+            in_first, release = threading.Event(), threading.Event()
+
+            def sync(fd, in_first=in_first, release=release):
+                if not in_first.is_set():
+                    in_first.set()
+                    release.wait(10)
+                real_sync(fd)
+
+            monkeypatch.setattr(mp, "_datasync", sync)
+            trace, state = trace_raising_at(codes, k, after_sync)
+            outcomes = {}
+
+            def write_one(name, trace=trace, p=p, outcomes=outcomes):
+                if name != "first":
+                    sys.settrace(trace)
+                try:
+                    p.persist(ev(name))
+                    outcomes[name] = "ok"
+                except KeyboardInterrupt:
+                    outcomes[name] = "interrupted"
+                except mp.PersistError:
+                    outcomes[name] = "failed"
+                finally:
+                    sys.settrace(None)
+
+            first_writer = threading.Thread(target=write_one, args=("first",))
+            first_writer.start()
+            assert in_first.wait(5)
+            group = [threading.Thread(target=write_one, args=("g%d" % i,)) for i in range(3)]
+            for t in group:
+                t.start()
+            assert wait_until(lambda p=p: queued(p) == 3)
+            release.set()
+            for t in [first_writer] + group:
+                t.join(10)
+            monkeypatch.setattr(mp, "_datasync", real_sync)
+            health = p.health.as_dict()
+        state_after = replayed(path)
+        if state["raised"] is not True:
+            assert sorted(outcomes.values()) == ["ok"] * 4
+            break
+        injected += 1
+        in_group = {name: outcomes[name] for name in ("g0", "g1", "g2")}
+        assert sorted(in_group.values()) in (["failed", "failed", "interrupted"], ["interrupted", "ok", "ok"]), k
+        told_failed = "failed" in in_group.values()
+        for name in in_group:
+            assert (("Session", name) in state_after) is not told_failed, (k, name, outcomes)
+        assert health["queued"] == 0 and health["total_errors"] == (3 if told_failed else 0), (k, health)
+    assert injected >= 8
+
+
+FORK_CHILD_CODES = {0: "refused clearly, then worked with its own persister"}
+
+
+def test_a_forked_child_never_hangs_on_an_inherited_persister(log_path):
+    import warnings
+    with mp.DiskPersister(log_path) as p:
+        store = mp.MemoryStore()
+        p.replay(store.apply_batch)
+        p.start_watcher(store.apply_batch, interval=0.001)
+        stop = threading.Event()
+
+        def persist_until_stopped(n):
+            i = 0
+            while not stop.is_set():
+                p.persist(ev("parent%d-%d" % (n, i % 50), i=i))
+                i += 1
+
+        threads = [threading.Thread(target=persist_until_stopped, args=(n,)) for n in range(2)]
+        for t in threads:
+            t.start()
+        codes = []
+        try:
+            for i in range(20):
+                time.sleep(0.005)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)  # fork() beside threads, on 3.12+
+                    pid = os.fork()
+                if pid == 0:
+                    code = 9
+                    try:
+                        try:
+                            p.persist(ev("inherited%d" % i))
+                            code = 3
+                        except ValueError as exc:
+                            code = 0 if "open a new one in the child" in str(exc) else 4
+                        p.close()
+                        with mp.DiskPersister(log_path) as q:
+                            q.persist(ev("child%d" % i))
+                    except BaseException:
+                        code = 5
+                    os._exit(code)
+                deadline = time.monotonic() + 5
+                while True:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        codes.append(os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode")
+                                     else status >> 8)
+                        break
+                    if time.monotonic() > deadline:
+                        os.kill(pid, signal.SIGKILL)
+                        os.waitpid(pid, 0)
+                        codes.append("hung")
+                        break
+                    time.sleep(0.01)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert codes == [0] * 20, codes
+    state = replayed(log_path)
+    assert all(("Session", "child%d" % i) in state for i in range(20))
+    assert not any(key[1].startswith("inherited") for key in state)
+
+
+def test_a_persist_racing_close_is_a_value_error_and_no_failed_write(log_path):
+    outcomes = set()
+    for round in range(30):
+        p = mp.DiskPersister(log_path)
+        start = threading.Barrier(5)
+
+        def writer(n, p=p, start=start):
+            start.wait()
+            for i in range(20):
+                try:
+                    p.persist(ev("r%d-%d" % (n, i)))
+                    outcomes.add("ok")
+                except ValueError:
+                    outcomes.add("closed")
+                except mp.PersistError as exc:
+                    outcomes.add(str(exc))
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        start.wait()
+        time.sleep(0.0005 * (round % 4))
+        p.close()
+        for t in threads:
+            t.join()
+        health = p.health.as_dict()
+        assert (health["total_errors"], health["queued"]) == (0, 0), health
+    assert outcomes == {"ok", "closed"}
+
+
+def open_descriptors():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def watcher_threads():
+    return [t for t in threading.enumerate() if t.name == "marshal-persist-watcher" and t.is_alive()]
+
+
+def test_close_cut_short_by_an_interruption_is_finished_by_the_next_close(log_path):
+    mp.DiskPersister(log_path).close()
+    codes = [mp.DiskPersister.close.__code__, mp.Watcher.stop.__code__, mp._Tail.wait_for_delivery.__code__]
+    before, interrupted = open_descriptors(), 0
+    for k in range(1, 60):
+        p = mp.DiskPersister(log_path)
+        p.start_watcher(len, interval=0.001)
+        trace, state = trace_raising_at(codes, k)
+        sys.settrace(trace)
+        try:
+            p.close()
+        except KeyboardInterrupt:
+            interrupted += 1
+        finally:
+            sys.settrace(None)
+        p.close()
+        assert open_descriptors() == before and not watcher_threads(), k
+        with pytest.raises(ValueError):
+            p.persist(ev("x"))
+        if not state["raised"]:
+            break
+    assert interrupted >= 8
+
+
+COMPACTOR = """
+import sys, time
+import marshal_persist as mp
+with mp.DiskPersister(sys.argv[1]) as p:
+    for _ in range(5):
+        time.sleep(0.04)
+        p.compact()
+"""
+
+WRITER = """
+import os, sys
+import marshal_persist as mp
+path, name = sys.argv[1], sys.argv[2]
+with mp.DiskPersister(path) as p:
+    i = 0
+    while not os.path.exists(path + ".stop"):
+        p.persist({"item": {"id": "%s-%d" % (name, i)}, "changeType": "SET", "itemType": "W"})
+        print(i, flush=True)
+        i += 1
+"""
+
+APPENDER = """
+import os, sys, time
+path, name = sys.argv[1], sys.argv[2]
+i = 0
+while not os.path.exists(path + ".stop"):
+    text = ("garbage %s-%d" % (name, i)) if i % 50 == 7 else (
+        '{"item":{"id":"%s-%d"},"changeType":"SET","itemType":"A"}' % (name, i))
+    with open(path, "ab") as f:  # as a shell's >> does: open, one write, close
+        f.write((text + "\\n").encode())
+    print(i, flush=True)
+    i += 1
+    time.sleep(0.002)
+"""
+
+
+@pytest.mark.parametrize("appender_in", ["a thread", "a process"])
+def test_compaction_keeps_a_shells_lines_beside_malformed_ones(tmp_path, appender_in):
+    for run in range(20):
+        path = str(tmp_path / ("run%d.jsonl" % run))
+        body = "".join("garbage seed %d\n" % i if i % 50 == 3 else line(ev("s%d" % i)) for i in range(300))
+        write(path, body, "w")
+        children = [subprocess.Popen([sys.executable, "-c", WRITER, path, "w%d" % n], cwd=HERE,
+                                     stdout=subprocess.PIPE, text=True) for n in range(2)]
+        appended = []
+        if appender_in == "a process":
+            children.append(subprocess.Popen([sys.executable, "-c", APPENDER, path, "a"], cwd=HERE,
+                                             stdout=subprocess.PIPE, text=True))
+            appender = None
+        else:
+            def append_lines(path=path):
+                i = 0
+                while not os.path.exists(path + ".stop"):
+                    text = ("garbage a-%d" % i) if i % 50 == 7 else (
+                        '{"item":{"id":"a-%d"},"changeType":"SET","itemType":"A"}' % i)
+                    with open(path, "ab") as f:
+                        f.write((text + "\n").encode())
+                    appended.append(i)
+                    i += 1
+                    time.sleep(0.002)
+
+            appender = threading.Thread(target=append_lines)
+            appender.start()
+        time.sleep(0.05)
+        compactor = subprocess.run([sys.executable, "-c", COMPACTOR, path], cwd=HERE, capture_output=True,
+                                   text=True, timeout=60)
+        write(path + ".stop", "")
+        outputs = [child.communicate(timeout=60)[0] for child in children]
+        if appender is not None:
+            appender.join()
+        assert compactor.returncode == 0, compactor.stderr[-2000:]
+        acked = {("W", "w%d-%s" % (n, i)) for n in range(2) for i in outputs[n].split()}
+        if appender_in == "a process":
+            appended = [int(i) for i in outputs[2].split()]
+        lines_appended = {("A", "a-%d" % i) for i in appended if i % 50 != 7}
+        garbage = {"garbage a-%d" % i for i in appended if i % 50 == 7}
+        state = set(replayed(path))
+        assert acked and lines_appended and acked <= state, (run, sorted(acked - state)[:5])
+        assert lines_appended <= state, (run, sorted(lines_appended - state)[:5])
+        torn = set(read(path + ".torn").decode().split("\n"))
+        assert garbage <= torn | set(read(path).decode().split("\n")), run
+
+
+def test_a_file_that_is_not_a_log_is_never_written(tmp_path):
+    readme = str(tmp_path / "README.md")
+    shutil.copy(os.path.join(HERE, "README.md"), readme)
+    blob = str(tmp_path / "blob.bin")
+    write(blob, random.Random(7).randbytes(100000) if hasattr(random.Random, "randbytes")
+          else os.urandom(100000), "w")
+    for path in (readme, blob):
+        content = read(path)
+        with pytest.raises(ValueError, match="does not look like an event log"):
+            mp.DiskPersister(path)
+        out = run_cli("append", "-e", line(ev("x")), path)
+        assert out.returncode == 2 and "does not look like an event log" in out.stderr, out.stderr
+        assert read(path) == content and not os.path.exists(path + ".torn")
+    out = run_cli("append", "--force", "-e", line(ev("x")), readme)
+    assert out.returncode == 0 and read(readme).endswith(line(ev("x")).encode())
+    for content in (b"", b"\n\n", line(ev("a")).encode(), b'{"item":{"id":"torn'):
+        write(str(tmp_path / "log"), content, "w")
+        mp.DiskPersister(str(tmp_path / "log")).close()  # an empty file, a log, a torn first write
+
+
+def test_replay_piped_to_append_copies_any_log_the_module_wrote(tmp_path):
+    source, copy = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
+    odd = "line\u2028sep\u2029para\x85next\x1c\x1d\x1e\x0b\x0c end"
+    with mp.DiskPersister(source) as p:
+        p.persist_batch([ev("x", text=odd), ev("y", text="plain"), ev("z\u2028", text=odd)])
+    assert run_cli("check", source).returncode == 0
+    out = subprocess.run("%s -m marshal_persist replay %s | %s -m marshal_persist append %s"
+                         % (sys.executable, source, sys.executable, copy), shell=True, cwd=HERE,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert read(copy) == read(source)
+
+
+def test_follow_ends_once_its_reader_is_gone_without_a_new_line(log_path):
+    with mp.DiskPersister(log_path) as p:
+        p.persist_batch([ev("s%d" % i) for i in range(3)])
+    started = time.monotonic()
+    # The reader stays a moment after head -1, so that follow has printed the live lines and waits.
+    out = subprocess.run("%s -m marshal_persist follow %s | (head -1; sleep 0.5)" % (sys.executable, log_path),
+                         shell=True, cwd=HERE, capture_output=True, text=True, timeout=10)
+    assert time.monotonic() - started < 0.5 + 2 + 1  # within 2 s, plus the interpreter's start
+    assert out.returncode == 0 and json.loads(out.stdout)["item"]["id"] == "s0"
+    assert "following" in out.stderr
+
+
+def test_the_module_never_drops_a_writers_lock_by_closing_a_descriptor(log_path, monkeypatch, tmp_path):
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    write(str(legacy / "events.jsonl"), line(ev("old")), "w")
+    monkeypatch.setenv("CLAUDE_COORD_STATE_DIR", str(legacy))
+    with mp.DiskPersister(log_path) as p:
+        p.persist(ev("first"))
+        in_sync, release = threading.Event(), threading.Event()
+        real_sync = mp._datasync
+
+        def slow_sync(fd):
+            in_sync.set()
+            release.wait(10)
+            real_sync(fd)
+
+        monkeypatch.setattr(mp, "_datasync", slow_sync)
+        writer = threading.Thread(target=p.persist, args=(ev("slow"),))
+        writer.start()
+        assert in_sync.wait(5)  # the writer holds lockf now
+        migrator = threading.Thread(target=mp.migrate_from_claude_coord, args=(log_path,))
+        migrator.start()  # compares the two logs' contents: opens and closes the log
+        time.sleep(0.2)
+        probe = subprocess.run([sys.executable, "-c", "import os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
+                                "try:\n    os.lockf(fd, os.F_TLOCK, 0)\nexcept OSError:\n    print('held')\n"
+                                "else:\n    print('free')", log_path], capture_output=True, text=True, timeout=10)
+        release.set()
+        writer.join()
+        migrator.join()
+        assert probe.stdout.strip() == "held"
+
+
+def test_check_reports_the_torn_file(log_path):
+    with mp.DiskPersister(log_path) as p:
+        p.persist(ev("a"))
+    write(log_path, b'{"item":{"id":"torn')
+    mp.DiskPersister(log_path).close()  # moves the torn tail to .torn
+    out = run_cli("check", log_path)
+    assert out.returncode == 0 and "events.jsonl.torn: 20 bytes set aside" in out.stdout, out.stdout
