@@ -51,18 +51,8 @@ if TYPE_CHECKING:  # pragma: no cover - never runs; for type checkers only
 
 __version__ = "0.2.0"
 
-__all__ = [
-    "__version__",
-    "default_state_dir",
-    "default_log_path",
-    "migrate_from_claude_coord",
-    "PersistError",
-    "PersistHealth",
-    "DiskPersister",
-    "Watcher",
-    "MemoryStore",
-    "main",
-]
+__all__ = ["__version__", "default_state_dir", "default_log_path", "migrate_from_claude_coord", "PersistError",
+           "PersistHealth", "DiskPersister", "Watcher", "MemoryStore", "main"]
 
 LOG_NAME = "events.jsonl"
 _CHUNK = 1 << 20
@@ -1693,29 +1683,15 @@ class _Tail:
 
 
 class Watcher:
-    """A daemon thread that polls the log every ``interval`` seconds and hands
-    the store, through ``apply_batch``, every event in file order.
-
-    * Lines appended by other programs are applied as they come, marked
-      ``preventPersist``; a half-written line waits for its end.
-    * This process's own events reach ``apply_batch`` too, in their place in
-      the file, before ``persist`` returns, marked ``preventPersist`` and
-      ``own``: the store need not (and should not) apply them itself.  So the
-      store ends up holding, for every key, the last line of the file.
-    * The file was replaced (new inode): the old file's unread lines are
-      applied, then the new file is reloaded from the top: its live entities,
-      then the DELs it records.  The file shrank or the last line read
-      changed: the same reload.  Entities the file no longer mentions stay in
-      the store (as in the Rust); the reload never writes to the file.
-    * The file was deleted: the writer recreates it from the live state of
-      the file it had open (a read-only persister waits for it).
-    * With ``lines=True``, ``apply_batch`` gets the lines as stored (bytes,
-      without their ``\\n``) instead of events.
-
-    Nothing kills the thread: a store that raises or returns anything, a
-    malformed line or an I/O error is logged and counted in ``errors`` or
-    ``malformed``.  ``applied`` counts events handed to the store, ``reloads``
-    full reloads.
+    """A daemon thread that polls the log every ``interval`` seconds; its
+    persister's read side hands the store, through ``apply_batch``, every
+    event of the file in file order, this process's own ones included, before
+    ``persist`` returns (see the README for replaced, truncated and deleted
+    files).  With ``lines=True``, ``apply_batch`` gets the lines as stored
+    (bytes without ``\\n``) instead of events.  Nothing kills the thread: a
+    store that raises, a malformed line, an I/O error is logged and counted
+    in ``errors`` or ``malformed``; ``applied`` counts events handed to the
+    store, ``reloads`` full reloads.
     """
 
     def __init__(self, persister: DiskPersister, apply_batch: ApplyBatch, interval: float,
@@ -1827,21 +1803,18 @@ class _Output:
     def __init__(self, stream: Any) -> None:
         self.stream = stream
 
-    def write(self, text: str) -> None:
+    def write(self, text: str = "") -> None:
         try:
-            self.stream.write(text)
+            if text:
+                self.stream.write(text)
+            else:
+                self.stream.flush()
         except BrokenPipeError:
             raise
         except OSError as exc:
             raise _OutputError(exc.strerror or str(exc)) from None
 
-    def flush(self) -> None:
-        try:
-            self.stream.flush()
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            raise _OutputError(exc.strerror or str(exc)) from None
+    flush = write
 
 
 class _WarningsTo:
