@@ -51,8 +51,8 @@ if TYPE_CHECKING:  # pragma: no cover - never runs; for type checkers only
 
 __version__ = "0.2.0"
 
-__all__ = ["__version__", "default_state_dir", "default_log_path", "migrate_from_claude_coord", "PersistError",
-           "PersistHealth", "DiskPersister", "Watcher", "MemoryStore", "main"]
+__all__ = ["__version__", "default_state_dir", "default_log_path", "migrate_from_claude_coord",
+           "PersistError", "PersistHealth", "DiskPersister", "Watcher", "MemoryStore", "main"]
 
 LOG_NAME = "events.jsonl"
 _CHUNK = 1 << 20
