@@ -1184,8 +1184,7 @@ class DiskPersister:
             _cut_back(fd, size, b"".join(appended))
             raise
         self._end = end
-        self._tail.wrote(fd, end - len(data), end, [
-            (line, event, "own") for lines, events in group.writers for line, event in zip(lines, events)])
+        self._tail.wrote(fd, end - len(data), end, group.writers)
 
     # --- compaction ---------------------------------------------------------------
 
@@ -1550,15 +1549,17 @@ class _Tail:
             self.last, self.size = _line_before(fd, self.pos, self._p.max_line_bytes), size
         self.watcher = watcher
 
-    def wrote(self, fd: int, start: int, end: int, entries: List[Entry]) -> None:
-        """This process wrote and synced ``entries``' lines at ``[start,
-        end)``, under the lock: what others wrote before them is read first."""
+    def wrote(self, fd: int, start: int, end: int, writers: List[Tuple[List[bytes], List[Event]]]) -> None:
+        """This process wrote and synced the ``(lines, events)`` of ``writers``
+        at ``[start, end)``, under the lock: what others wrote before them is
+        read first."""
         if self.watcher is None or self.pos is None:
             return  # read when a watcher starts, as lines of the file
         self._read(fd, start)
-        self.queue += entries
-        self.keys.update(_key(event) for _, event, _ in entries)
-        self.pos, self.last = end, entries[-1][0]
+        for lines, events in writers:
+            self.queue += zip(lines, events, ["own"] * len(lines))
+            self.keys.update(map(_key, events))
+        self.pos, self.last = end, writers[-1][0][-1]
 
     def switched(self, old_fd: int, old_end: int, new_fd: int, ours: bool) -> None:
         """The log is ``new_fd`` now.  While following, the old file's unread
