@@ -1068,6 +1068,8 @@ class DiskPersister:
     def persist_batch(self, events: Iterable[Event]) -> None:
         """Append ``events`` with one write and one fdatasync, in order, and
         return once all are durable.  If any is invalid, none is written."""
+        if isinstance(events, (dict, str, bytes)):
+            raise TypeError("persist_batch takes a list of events, not %s" % type(events).__name__)
         self._commit(list(events))
 
     def _commit(self, events: List[Event]) -> None:
@@ -1738,8 +1740,8 @@ class Watcher:
                 self._persister._flush_notes()
 
     def _hand_over(self, entries: List[Entry]) -> None:
-        if self._lines:
-            batch = [line for line, _, _ in entries]  # type: List[Any]
+        if self._lines:  # own lines come with their \n
+            batch = [line.rstrip(b"\n") for line, _, _ in entries]  # type: List[Any]
         else:  # own events are parsed from their lines: the caller may change its dicts afterwards
             batch = [_mark(json.loads(line) if how == "own" else event, how) for line, event, how in entries]
         try:
@@ -2062,6 +2064,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         sub[args.command].error("unrecognized arguments: %s" % " ".join(extra))
+    if args.path == "":
+        sub[args.command].error("PATH is empty (leave it out for %s)" % default_log_path())
     args.path = args.path or default_log_path()
     args.status = 0
     run = {"replay": _cli_replay, "check": _cli_check, "follow": _cli_follow,

@@ -2470,6 +2470,17 @@ def test_cli_append_validates_then_persists_durably(log_path):
     assert set(replayed(log_path)) == {("Message", "b"), ("Session", "c")}
 
 
+def test_an_empty_path_is_an_error_not_the_default_log(tmp_path):
+    home = tmp_path / "home"
+    out = run_cli("append", "-e", line(ev("x")), "", env={**os.environ, "HOME": str(home),
+                                                          "MARSHAL_STATE_DIR": ""})
+    assert out.returncode == 2 and "PATH is empty" in out.stderr and not home.exists()
+    with mp.DiskPersister(str(tmp_path / "log")) as p:
+        with pytest.raises(TypeError, match="list of events"):
+            p.persist_batch(ev("one"))
+        assert p.health.total_errors == 0
+
+
 def test_cli_small_things(log_path, tmp_path):
     os.makedirs(os.path.dirname(log_path))
     write(log_path, line(ev("a")))
@@ -2987,6 +2998,12 @@ def test_own_comes_from_origin_never_from_the_line(log_path):
         events = {e["item"]["id"]: e["options"] for e in recorder.events()}
         assert "own" not in events["claims-own"] and "own" not in events["tailed"]
         assert events["mine"]["own"] is True
+        got = []
+        with p.start_watcher(got.extend, interval=0.01, lines=True):
+            p.persist(ev("mine2"))
+            write(log_path, line(ev("tailed2")))
+            assert wait_until(lambda: len(got) == 2)
+        assert got == [line(ev("mine2")).encode()[:-1], line(ev("tailed2")).encode()[:-1]]
 
 
 def test_the_callback_rules(log_path):
