@@ -815,7 +815,9 @@ class DiskPersister:
         from it), and close the file.  Idempotent; each step is, so a call
         that an exception (Ctrl-C) cut short is finished by the next one."""
         if self._forks != _forks:  # in a child of fork(): no thread of the parent's is here to wait for
-            self._forks, self._lock, self._tail, self._closed = _forks, threading.Lock(), _Tail(self), True
+            self._closed, self._tail = True, _Tail(self)
+            self._lock = _device_lock(os.fstat(self._fd).st_dev) if self._fd >= 0 else threading.Lock()
+            self._forks = _forks  # the lock is the child's own, shared with the persisters it opens
         with self._lock:  # a watcher that starts now sees it closed
             self._closed = True
             watcher = self._tail.watcher
@@ -823,13 +825,11 @@ class DiskPersister:
             watcher.stop()
         self._tail.wait_for_delivery()
         with self._lock:
-            try:  # after a close cut short past os.close, the number is free or another file's now
-                ours = self._fd >= 0 and _identity(os.fstat(self._fd)) == self._ident
-            except OSError:
-                ours = False
-            if ours:
-                os.close(self._fd)
-            self._fd = -1
+            # Forgotten before it is closed: a signal lands only after a call returns, and a
+            # number kept past its close could name another file by the next close().
+            fd, self._fd = self._fd, -1
+            if fd >= 0:
+                os.close(fd)
         self._flush_notes()
 
     def _note(self, level: str, message: str) -> None:
@@ -926,8 +926,8 @@ class DiskPersister:
             event = json.loads(first) if first else {"changeType": None}
         except ValueError:
             event = None
-        if (type(event) is dict and "changeType" in event) or (not newline and first[:1] == b"{"):
-            return  # a log, or one whose first line is too long to look at, or torn by a crash
+        if "changeType" in event if type(event) is dict else not newline and first[:1] == b"{":
+            return  # a log, or one whose first line is torn by a crash or too long to look at
         raise ValueError("%s does not look like an event log: its first line is not a JSON object with "
                          "changeType; nothing was written (any_file=True, or --force, writes to it anyway)"
                          % self.path)
@@ -954,9 +954,9 @@ class DiskPersister:
         while True:
             self._check_open()
             fd = self._fd
-            if self._can_lock:
-                _lockf(fd, os.F_LOCK)
-            try:
+            try:  # the lock inside: an interruption as it returns still unlocks
+                if self._can_lock:
+                    _lockf(fd, os.F_LOCK)
                 st = _stat_or_none(self.path)
                 if st is not None and _identity(st) == self._ident:
                     if not self._name_synced:  # here, so that the sync cannot widen a race with a compactor
@@ -1723,9 +1723,11 @@ class Watcher:
     def stop(self) -> None:
         """End the thread, after the store call it may be making.  Idempotent."""
         self._stopping.set()
+        p = self._persister
+        if p._forks != _forks:
+            return  # in a child of fork(): the thread and its locks stayed with the parent
         if self._thread is not threading.current_thread() and self._thread.ident is not None:
             self._thread.join()
-        p = self._persister
         with p._lock:  # last: a stop cut short is still this persister's watcher, stopped again by close
             if p._tail.watcher is self:
                 p._tail.watcher = None
@@ -1734,7 +1736,7 @@ class Watcher:
         while not self._stopping.wait(self.interval):
             try:
                 self._persister._tail.poll()
-            except Exception as exc:  # I/O errors above all; none may end the thread
+            except BaseException as exc:  # I/O errors above all, a store's SystemExit: none ends the thread
                 self.errors += 1
                 self._persister._note("warning", "watcher: %s: %s" % (type(exc).__name__, exc))
                 self._persister._flush_notes()
@@ -1974,6 +1976,8 @@ def _cli_append(args: Any, out: _Output, err: Any) -> int:
             event = json.loads(text)
         except ValueError as exc:
             raise _BadInput("%s is not JSON: %s" % (where, exc)) from None
+        if type(event) is dict and type(event.get("options")) is dict:
+            event["options"].pop("own", None)  # the reader's mark, as replay prints it: never persisted
         try:
             _encode_event(_snapshot(event), _DEFAULT_MAX_LINE)
         except PersistError as exc:
