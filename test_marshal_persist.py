@@ -3228,14 +3228,6 @@ def test_a_persist_racing_close_is_a_value_error_and_no_failed_write(log_path):
     assert outcomes == {"ok", "closed"}
 
 
-def open_descriptors():
-    return len(os.listdir("/proc/self/fd"))
-
-
-def watcher_threads():
-    return [t for t in threading.enumerate() if t.name == "marshal-persist-watcher" and t.is_alive()]
-
-
 CLOSE_STORM = """
 import os, random, signal, sys, threading
 import marshal_persist as mp
