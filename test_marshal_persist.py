@@ -1903,39 +1903,43 @@ def test_validation_and_encoding_see_one_snapshot(log_path):
     assert len(read(log_path).splitlines()) == 2000 - refused and refused < 2000
 
 
-CTRL_C_CHILD = """
+STORM_PRELUDE = """
 import os, random, signal, sys, threading
 import marshal_persist as mp
 
-path = sys.argv[1]
+path, writers, events = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 p = mp.DiskPersister(path)
+in_store = []  # set while a store call runs: the storm spares it
 def ev(name, i):
-    return {"item": {"id": "%s-%d" % (name, i)}, "changeType": "SET", "itemType": "T"}
+    return {"item": {"id": "%s-%d" % (name, i), "v": i}, "changeType": "SET", "itemType": "T"}
 def other(n):
-    for i in range(3000):
+    for i in range(events):
         while True:
             try:
                 p.persist(ev("t%d" % n, i))
                 break
             except mp.PersistError:  # its group's writing thread (the main one) was interrupted
                 pass
-threads = [threading.Thread(target=other, args=(n,)) for n in range(3)]
-for t in threads:
-    t.start()
 MODULE_FILE = mp.DiskPersister.persist.__code__.co_filename
 storming = True
-interrupted = done = 0
 def in_the_module(frame):
     while frame is not None and frame.f_code.co_filename != MODULE_FILE:
         frame = frame.f_back
     return frame is not None
 def interrupt(signum, frame):
-    # Ctrl-C anywhere in persist, and only there: an interruption of this loop's
+    # Ctrl-C anywhere in the module, and only there: an interruption of the test's
     # own except clauses would end the storm, not test the module.
     if storming:
         signal.setitimer(signal.ITIMER_REAL, random.uniform(50e-6, 200e-6))
-        if in_the_module(frame):
+        if in_the_module(frame) and not in_store:
             raise KeyboardInterrupt
+"""
+
+CTRL_C_CHILD = STORM_PRELUDE + """
+threads = [threading.Thread(target=other, args=(n,)) for n in range(writers)]
+for t in threads:
+    t.start()
+interrupted = done = 0
 signal.signal(signal.SIGALRM, interrupt)
 signal.setitimer(signal.ITIMER_REAL, 100e-6)
 while done < 3000 or interrupted < 2000:
@@ -1961,25 +1965,30 @@ print(interrupted, done)
 """
 
 
+def run_storm(tmp_path, script, *args):
+    """Run a storm ``script`` on a log in tmpfs; its path and output, or the failure."""
+    folder = tmpfs_dir(tmp_path)
+    path = os.path.join(folder, "events.jsonl")
+    try:
+        out = subprocess.run([sys.executable, "-c", script, path, *args], cwd=HERE, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout, replayed(path, read_only=True)
+    finally:
+        if folder != str(tmp_path):
+            shutil.rmtree(folder)
+
+
 @pytest.mark.skipif(not (3, 11) <= sys.version_info < (3, 13), reason="up to 3.10, CPython can skip a "
                     "with block's __exit__ when a second signal lands on the way into its exception "
                     "handler (bpo-29988); on 3.13.0 this storm leaves a lock held by the main thread "
                     "that no code path leaves held")
 def test_ctrl_c_raised_anywhere_in_persist_hangs_nothing(tmp_path):
-    folder = tmpfs_dir(tmp_path)
-    try:
-        path = os.path.join(folder, "events.jsonl")
-        out = subprocess.run([sys.executable, "-c", CTRL_C_CHILD, path], cwd=HERE, capture_output=True,
-                             text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        interrupted, done = map(int, out.stdout.split())
-        assert interrupted >= 2000 and done >= 3000
-        state = replayed(path, read_only=True)
-        assert {("T", "t%d-%d" % (n, i)) for n in range(3) for i in range(3000)} <= set(state)
-        assert ("T", "after-0") in state
-    finally:
-        if folder != str(tmp_path):
-            shutil.rmtree(folder)
+    out, state = run_storm(tmp_path, CTRL_C_CHILD, "3", "3000")
+    interrupted, done = map(int, out.split())
+    assert interrupted >= 2000 and done >= 3000
+    assert {("T", "t%d-%d" % (n, i)) for n in range(3) for i in range(3000)} <= set(state)
+    assert ("T", "after-0") in state
 
 
 def test_a_failing_stat_leaves_no_lock_for_other_processes(log_path, monkeypatch):
@@ -2810,14 +2819,8 @@ def test_truncate_and_a_shell_append_beside_a_thread_persisting_every_20_ms(log_
             assert wait_until(lambda: follows(store, log_path)), sorted(last_lines(log_path))
 
 
-STORM_CHILD = """
-import os, random, signal, sys, threading
-import marshal_persist as mp
-
-path = sys.argv[1]
-p = mp.DiskPersister(path)
+STORM_CHILD = STORM_PRELUDE + """
 store = mp.MemoryStore()
-in_store = []
 def apply_batch(events):
     in_store.append(1)
     try:
@@ -2826,30 +2829,9 @@ def apply_batch(events):
         in_store.pop()
 p.replay(apply_batch)
 watcher = p.start_watcher(apply_batch, interval=0.001)
-def ev(name, i):
-    return {"item": {"id": "%s-%d" % (name, i), "v": i}, "changeType": "SET", "itemType": "T"}
-def other(n):
-    for i in range(2000):
-        while True:
-            try:
-                p.persist(ev("t%d" % n, i))
-                break
-            except mp.PersistError:  # its group's writing thread (the main one) was interrupted
-                pass
-threads = [threading.Thread(target=other, args=(n,)) for n in range(2)]
+threads = [threading.Thread(target=other, args=(n,)) for n in range(writers)]
 for t in threads:
     t.start()
-MODULE_FILE = mp.DiskPersister.persist.__code__.co_filename
-storming = True
-def in_the_module(frame):
-    while frame is not None and frame.f_code.co_filename != MODULE_FILE:
-        frame = frame.f_back
-    return frame is not None
-def interrupt(signum, frame):
-    if storming:
-        signal.setitimer(signal.ITIMER_REAL, random.uniform(50e-6, 200e-6))
-        if in_the_module(frame) and not in_store:
-            raise KeyboardInterrupt
 signal.signal(signal.SIGALRM, interrupt)
 signal.setitimer(signal.ITIMER_REAL, 100e-6)
 interrupted = done = 0
@@ -2878,18 +2860,10 @@ p.close()
 @pytest.mark.skipif(not (3, 11) <= sys.version_info < (3, 13), reason="the same storm as the Ctrl-C "
                     "test above, on the versions where the interpreter itself survives it")
 def test_no_delivery_is_lost_to_ctrl_c(tmp_path):
-    folder = tmpfs_dir(tmp_path)
-    try:
-        path = os.path.join(folder, "events.jsonl")
-        out = subprocess.run([sys.executable, "-c", STORM_CHILD, path], cwd=HERE, capture_output=True,
-                             text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        interrupted, done, keys, missing = out.stdout.split()[:4]
-        assert int(interrupted) >= 200 and int(keys) >= 900, out.stdout
-        assert missing == "0", out.stdout
-    finally:
-        if folder != str(tmp_path):
-            shutil.rmtree(folder)
+    out, _ = run_storm(tmp_path, STORM_CHILD, "2", "2000")
+    interrupted, done, keys, missing = out.split()[:4]
+    assert int(interrupted) >= 200 and int(keys) >= 900, out
+    assert missing == "0", out
 
 
 FAILING_WRITER = """
@@ -3270,18 +3244,10 @@ print(cut, len(os.listdir("/proc/self/fd")) - before, len(threads), i)
 @pytest.mark.skipif(not (3, 11) <= sys.version_info < (3, 13), reason="the same storm as the Ctrl-C "
                     "test above, on the versions where the interpreter itself survives it")
 def test_close_cut_short_by_ctrl_c_is_finished_by_the_next_close(tmp_path):
-    folder = tmpfs_dir(tmp_path)
-    try:
-        path = os.path.join(folder, "events.jsonl")
-        out = subprocess.run([sys.executable, "-c", CLOSE_STORM, path], cwd=HERE, capture_output=True,
-                             text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        cut, leaked, threads, closes = map(int, out.stdout.split())
-        assert cut >= 20 and (leaked, threads) == (0, 0), out.stdout
-        assert len(replayed(path, read_only=True)) == closes
-    finally:
-        if folder != str(tmp_path):
-            shutil.rmtree(folder)
+    out, state = run_storm(tmp_path, CLOSE_STORM)
+    cut, leaked, threads, closes = map(int, out.split())
+    assert cut >= 20 and (leaked, threads) == (0, 0), out
+    assert len(state) == closes
 
 
 def test_a_store_that_raises_system_exit_does_not_end_the_watcher(log_path):
