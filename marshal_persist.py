@@ -1253,6 +1253,8 @@ class DiskPersister:
                     elif size:
                         bad.append((read_to[0], size))
                     read_to[0] += size
+                    if not size and os.fstat(fd).st_size > read_to[0]:
+                        continue  # whole lines came while it looked: look again
                 if found:
                     carried.extend(found)
                     return b"".join(line + b"\n" for line in found)
@@ -1402,6 +1404,8 @@ class _Lines:
         if not 0 < size <= self.max_line:
             return size, b"", None
         fragment = os.pread(self.fd, size, self.end)
+        if b"\n" in fragment:  # whole lines were appended since the iteration ended: none is unfinished
+            return 0, b"", None
         return size, fragment, _parse_line(fragment)[0]
 
 
